@@ -1,0 +1,21 @@
+# Two commands from a fresh clone: `make demo` trains the article's CNN, `make test` runs the suite.
+# Each makes its own virtual environment (.venv) with the pinned dependencies on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	PY=$(PY) bash scripts/demo.sh
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

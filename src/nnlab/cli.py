@@ -1,0 +1,83 @@
+"""The `nnlab` command: a table of verbs, each a thin call into the library.
+
+Every option's default lives in the library function it feeds (argparse defaults are None and
+unset options are not passed), so a default is declared exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from nnlab.errors import NnlabError
+
+
+def cmd_train(a) -> None:
+    from nnlab import train
+
+    if a.resume and a.recipe:
+        raise NnlabError("train: give a recipe or --resume RUN_DIR, not both")
+    train(a.recipe, a.set, config_file=a.config, out=a.out, resume=a.resume)
+
+
+def cmd_eval(a) -> None:
+    from nnlab import evaluate
+
+    print(json.dumps(evaluate(a.run_dir), indent=2))
+
+
+def cmd_generate(a) -> None:
+    from nnlab.generate import generate_text
+
+    kw = {k: getattr(a, k) for k in ("max_new_tokens", "temperature", "top_k", "seed") if getattr(a, k) is not None}
+    print(generate_text(a.run_dir, a.prompt, **kw))
+
+
+def cmd_recipes(a) -> None:
+    from nnlab.config import recipe_dict, recipe_names
+
+    for name in recipe_names():
+        print(f"{name:16s} {recipe_dict(name).get('description', '')}")
+
+
+VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "recipes": cmd_recipes}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnlab", description="Train, evaluate and sample the article's models.")
+    sub = p.add_subparsers(dest="verb", required=True)
+    t = sub.add_parser("train", help="train a recipe, or resume a run")
+    t.add_argument("recipe", nargs="?", help="a shipped recipe name (see `nnlab recipes`) or a YAML file")
+    t.add_argument("--config", help="a YAML file merged over the recipe")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. train.lr=0.1")
+    t.add_argument("--out", help="the run folder to create (default runs/RECIPE-TIME)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    e = sub.add_parser("eval", help="re-evaluate a saved model on its test split")
+    e.add_argument("run_dir")
+    g = sub.add_parser("generate", help="sample text from a trained language model")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float, help="0 = greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--seed", type=int)
+    sub.add_parser("recipes", help="list the shipped recipes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        VERBS[args.verb](args)
+    except NnlabError as e:
+        print(f"nnlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nnlab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Autoregressive sampling from a language model: append one token at a time, feeding each back in.
+
+At each step the model gives logits z over the vocabulary for the next token; we sample from
+    p = softmax(z / temperature)              temperature < 1 sharpens p, > 1 flattens it,
+                                              temperature == 0 is greedy decoding (argmax)
+optionally after keeping only the top_k largest logits (the rest get probability 0).
+
+Two ways to compute z, which give the same tokens (tests/test_gpt_vit.py checks it under greedy):
+  use_cache=False: rerun the model on the whole context, cropped to its last block_size tokens,
+      for every new token (nanoGPT's sample.py): O(T^2) work per token.
+  use_cache=True: one prefill pass over the prompt stores every layer's K and V; each later step
+      feeds only the newest token and attends to the cache: O(T) work per token.
+The cache stops being usable once the sequence outgrows block_size. The model's positions are
+learned embeddings of absolute indices 0..block_size-1; cropping the context shifts every kept
+token to a new position, and their cached K and V were computed with the old position embedding
+mixed in (through every layer), so they cannot be reused by sliding the window. From then on each
+step recomputes the cropped context exactly as use_cache=False does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _next_token(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """Pick one token per row from logits (B, vocab) -> (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # greedy; top_k cannot change the argmax
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+def generate(
+    model: nn.Module,
+    idx: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """Continue each prompt row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+
+    `model` is a language model with `cfg.block_size`, forward(idx) -> logits (B, T, vocab) and,
+    for use_cache=True, forward_with_cache (nnlab.models.gpt.GPT). It runs in eval mode (no
+    dropout) under torch.inference_mode; the model's previous train/eval mode is restored.
+    The same `generator` seed gives the same tokens (on the same device and torch version).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if idx.ndim != 2 or idx.shape[1] == 0 or idx.dtype != torch.long:
+        raise ValueError(f"idx must be a non-empty LongTensor of shape (B, T), got {idx.dtype} {tuple(idx.shape)}")
+    if use_cache and not hasattr(model, "forward_with_cache"):
+        raise ValueError(f"{type(model).__name__} has no forward_with_cache; call generate with use_cache=False")
+    block_size = model.cfg.block_size
+
+    was_training = model.training
+    model.eval()  # dropout off: generation is inference
+    try:
+        with torch.inference_mode():
+            past = None  # the cache: K, V of every token of idx but the last, once prefilled
+            for _ in range(max_new_tokens):
+                T = idx.shape[1]
+                if use_cache and T <= block_size:
+                    # Prefill with the whole prompt once, then feed only the newest token.
+                    new = idx if past is None else idx[:, -1:]  # (B, T) or (B, 1)
+                    logits, past = model.forward_with_cache(new, past)
+                else:
+                    # No cache, or the context outgrew block_size (see the module docstring).
+                    past = None
+                    logits = model(idx[:, -block_size:])  # (B, min(T, block_size), vocab)
+                nxt = _next_token(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+                idx = torch.cat([idx, nxt], dim=1)  # (B, T + 1)
+    finally:
+        model.train(was_training)
+    return idx
+
+
+def generate_text(run_dir, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+                  top_k: int | None = 200, seed: int = 1337) -> str:
+    """Load a trained language model from its run folder and continue `prompt`; returns prompt + sample."""
+    from nnlab.data import tokenizer_from_json
+    from nnlab.errors import NnlabError
+    from nnlab.run import load
+
+    model, info = load(run_dir)
+    if info.get("task") != "text":
+        raise NnlabError(f"{run_dir}: holds a {info.get('task')} model, not a language model")
+    if not 0 <= max_new_tokens <= 100_000:
+        raise NnlabError(f"--max-new-tokens: must be between 0 and 100000, got {max_new_tokens}")
+    if not prompt:
+        raise NnlabError("--prompt: must not be empty")
+    tok = tokenizer_from_json(info["tokenizer"])
+    idx = torch.tensor([tok.encode(prompt)], dtype=torch.long)
+    try:
+        out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                       generator=torch.Generator().manual_seed(seed))
+    except ValueError as e:
+        raise NnlabError(f"generate: {e}") from None
+    return tok.decode(out[0].tolist())

@@ -1,0 +1,106 @@
+"""The shared layers every model is built from, each with an explicit and a fast path.
+
+`explicit=True` computes the layer with the article's formula from `nnlab.ops` (readable, slow);
+`explicit=False` uses PyTorch's fused kernel (nn.functional). Both hold the same parameters in the
+same layout, so a model can switch paths after loading weights (`nnlab.models.set_explicit`) and
+the tests compare the two on the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nnlab import ops
+
+
+class Dense(nn.Linear):
+    """y = XW + b. Stores W as nn.Linear does, (out, in); the explicit path uses W^T = (in, out)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, explicit: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.explicit = explicit
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.explicit:
+            return ops.dense(x, self.weight.t(), self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """C = X * W + b (square kernel). The explicit path is unfold + matmul (ops.conv2d)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, padding: int = 0,
+                 bias: bool = True, explicit: bool = False):
+        super().__init__(c_in, c_out, k, stride=stride, padding=padding, bias=bias)
+        self.explicit = explicit
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.explicit:
+            return ops.conv2d(x, self.weight, self.bias, stride=self.stride[0], padding=self.padding[0])
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+class MaxPool2d(nn.Module):
+    """Non-overlapping k x k max pooling."""
+
+    def __init__(self, k: int = 2, explicit: bool = False):
+        super().__init__()
+        self.k, self.explicit = k, explicit
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.max_pool2d(x, self.k) if self.explicit else F.max_pool2d(x, self.k)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: per head Q = XW_Q, K = XW_K, V = XW_V, A = softmax(QK^T/sqrt(d_k)), O = AV.
+
+    The heads' W_Q, W_K, W_V are stacked into one (3*C, C) projection `qkv` (the layout of
+    nn.MultiheadAttention's in_proj_weight), and the heads' outputs are concatenated and mixed by
+    `proj`. The explicit path runs ops.attention step by step; the fast path calls
+    F.scaled_dot_product_attention (a flash kernel on CPU and GPU), which never materialises A.
+
+    forward(x, past_kv=None, need_weights=False) -> (y, A or None, (K, V))
+      past_kv: cached (K, V) of earlier positions, each (B, n_head, T_past, d_k), for generation.
+      need_weights: also return A (B, n_head, T, T_past + T); forces the explicit path.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, causal: bool, bias: bool = True,
+                 dropout: float = 0.0, explicit: bool = False):
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+        self.n_head, self.causal, self.dropout, self.explicit = n_head, causal, dropout, explicit
+        self.qkv = Dense(n_embd, 3 * n_embd, bias=bias, explicit=explicit)
+        self.proj = Dense(n_embd, n_embd, bias=bias, explicit=explicit)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, past_kv: tuple[Tensor, Tensor] | None = None, need_weights: bool = False):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
+        # (B, T, C) -> (B, n_head, T, d_k): every head attends independently.
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+        A = None
+        if self.explicit or need_weights:
+            o, A = ops.attention(q, k, v, causal=self.causal)
+            if self.training and self.dropout > 0:
+                # Dropout on A, then O = AV again: the same regularisation SDPA applies.
+                o = F.dropout(A, self.dropout) @ v
+        else:
+            # With a cache and a single new query the mask is all-ones; is_causal would wrongly
+            # align the mask to the top-left, so only pass it when queries and keys coincide.
+            is_causal = self.causal and q.shape[2] == k.shape[2]
+            if self.causal and not is_causal and q.shape[2] > 1:
+                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=x.device)
+                mask = mask.tril(diagonal=k.shape[2] - q.shape[2])
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                   dropout_p=self.dropout if self.training else 0.0)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
+                                                   dropout_p=self.dropout if self.training else 0.0)
+        y = o.transpose(1, 2).reshape(B, T, C)  # re-assemble heads side by side: (B, T, C)
+        return self.resid_drop(self.proj(y)), A, (k, v)

@@ -1,0 +1,210 @@
+"""What differs between image classification, language modelling and regression, in one place.
+
+A task turns the data config into in-memory tensors and answers four questions for the loop:
+which data-derived fields the model needs (classes, vocabulary, input size), which examples make
+up the batch at a given step, what the loss is, and how to evaluate. The batch at step s is a pure
+function of (seed, s), so resuming at step s replays nothing and skips nothing, and every rank of a
+distributed run can compute its own shard of the same global batch without talking to the others.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nnlab import ops
+from nnlab.config import Config
+from nnlab.errors import ConfigError
+
+
+class Task:
+    kind: str  # image | text | tabular
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        t = cfg.train
+        loss = t.loss if t.loss != "auto" else ("mse" if self.kind == "tabular" else "cross_entropy")
+        if (loss == "mse") != (self.kind == "tabular"):
+            raise ConfigError(f"train.loss: {loss} does not fit a {self.kind} task")
+        self.loss_name = loss
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        if self.loss_name == "mse":
+            return ops.article_mse(out.squeeze(-1).float(), y)  # L = 1/(2N) sum (y - y*)^2
+        return F.cross_entropy(out.flatten(0, -2).float(), y.flatten(), label_smoothing=self.cfg.train.label_smoothing)
+
+    def steps_per_epoch(self) -> int:
+        return max(1, self.num_train() // self.cfg.train.batch_size)
+
+    def total_steps(self) -> int:
+        t = self.cfg.train
+        return t.max_steps if t.max_steps else t.epochs * self.steps_per_epoch()
+
+    def _gen(self, *salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.cfg.train.seed, *salt)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+class ImageTask(Task):
+    kind = "image"
+
+    def __init__(self, cfg: Config):
+        from nnlab.data import load_images
+
+        super().__init__(cfg)
+        d = cfg.data
+        self.data = load_images(d.name, d.dir, image_size=d.image_size, limit=d.limit, seed=d.split_seed)
+        # Normalise once, up front: batches are then just index gathers from memory.
+        self.x_train = self.data.normalize(self.data.x_train)
+        self.x_test = self.data.normalize(self.data.x_test)
+        self._perm_epoch, self._perm = -1, None
+
+    def num_train(self) -> int:
+        return len(self.x_train)
+
+    def model_fields(self) -> dict:
+        _, c, h, _ = self.x_train.shape
+        return {"in_channels": c, "image_size": h, "num_classes": len(self.data.classes)}
+
+    def batch(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Rows lo:hi of the global batch at `step` (a fresh permutation each epoch, drop-last)."""
+        spe, bs = self.steps_per_epoch(), self.cfg.train.batch_size
+        epoch, i = divmod(step, spe)
+        if epoch != self._perm_epoch:
+            self._perm_epoch, self._perm = epoch, torch.randperm(self.num_train(), generator=self._gen(epoch))
+        idx = self._perm[i * bs + lo : i * bs + hi]
+        return self.x_train[idx], self.data.y_train[idx]
+
+    @torch.no_grad()
+    def evaluate(self, model, device) -> dict:
+        """Test accuracy and loss, streamed in batches: never holds all logits at once."""
+        correct, loss_sum, n = 0, 0.0, len(self.x_test)
+        bs = self.cfg.train.eval_batch_size
+        for i in range(0, n, bs):
+            x = self.x_test[i : i + bs].to(device)
+            y = self.data.y_test[i : i + bs].to(device)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+        return {"test_accuracy": correct / n, "test_loss": loss_sum / n}
+
+    def meta(self) -> dict:
+        return {"normalize": {"mean": self.data.mean, "std": self.data.std}, "classes": self.data.classes,
+                "input_shape": list(self.x_train.shape[1:])}
+
+
+class TextTask(Task):
+    kind = "text"
+
+    def __init__(self, cfg: Config):
+        from nnlab.data import load_text
+
+        super().__init__(cfg)
+        self.data = load_text(cfg.data.path, tokenizer=cfg.data.tokenizer)
+        self.block_size = int(cfg.model.get("block_size", 64))
+        for split, ids in (("train", self.data.train), ("validation", self.data.val)):
+            if len(ids) <= self.block_size + 1:
+                raise ConfigError(f"model.block_size: {self.block_size} is longer than the {split} split "
+                                  f"({len(ids)} tokens) of {cfg.data.path}")
+
+    def num_train(self) -> int:
+        # An "epoch" of a language model: as many blocks as the training split holds.
+        return len(self.data.train) // self.block_size
+
+    def model_fields(self) -> dict:
+        return {"vocab_size": self.data.tokenizer.vocab_size}
+
+    def _blocks(self, ids: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+        ar = torch.arange(self.block_size)
+        x = ids[offsets[:, None] + ar]  # (B, T)
+        return x, ids[offsets[:, None] + ar + 1]  # targets: the same block shifted by one
+
+    def batch(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Rows lo:hi of the global batch at `step`: random blocks, as nanoGPT samples them."""
+        ids = self.data.train
+        offsets = torch.randint(len(ids) - self.block_size, (self.cfg.train.batch_size,), generator=self._gen(step))
+        return self._blocks(ids, offsets[lo:hi])
+
+    @torch.no_grad()
+    def evaluate(self, model, device) -> dict:
+        """Mean validation loss (nats per token) over eval_iters fixed random batches."""
+        ids, t = self.data.val, self.cfg.train
+        g = torch.Generator().manual_seed(0)  # the same batches at every evaluation
+        losses = []
+        for _ in range(t.eval_iters):
+            offsets = torch.randint(len(ids) - self.block_size, (t.batch_size,), generator=g)
+            x, y = self._blocks(ids, offsets)
+            logits = model(x.to(device)).float()
+            losses.append(F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten()).item())
+        return {"val_loss": sum(losses) / len(losses)}
+
+    def meta(self) -> dict:
+        return {"tokenizer": self.data.tokenizer.to_json()}
+
+
+class TabularTask(Task):
+    kind = "tabular"
+
+    def __init__(self, cfg: Config):
+        from nnlab.data import load_tabular
+
+        super().__init__(cfg)
+        d = cfg.data
+        name = "csv" if d.name == "csv" else d.name
+        self.data = load_tabular(name, path=d.path, target=d.target, test_frac=d.test_frac, seed=d.split_seed)
+        # Train on standardised features and target: plain gradient descent needs well-scaled inputs.
+        dd = self.data
+        self.x_train = (dd.x_train - dd.x_mean) / dd.x_std
+        self.x_test = (dd.x_test - dd.x_mean) / dd.x_std
+        self.y_train = (dd.y_train - dd.y_mean) / dd.y_std
+
+    def num_train(self) -> int:
+        return len(self.x_train)
+
+    def model_fields(self) -> dict:
+        return {"in_features": self.x_train.shape[1], "out_features": 1}
+
+    def batch(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        spe, bs = self.steps_per_epoch(), self.cfg.train.batch_size
+        epoch, i = divmod(step, spe)
+        perm = torch.randperm(self.num_train(), generator=self._gen(epoch))
+        idx = perm[i * bs + lo : i * bs + hi]
+        return self.x_train[idx], self.y_train[idx]
+
+    @torch.no_grad()
+    def evaluate(self, model, device) -> dict:
+        """Test mean squared error in the target's own units (comparable with scikit-learn's)."""
+        dd = self.data
+        pred = model(self.x_test.to(device)).float().squeeze(-1).cpu() * dd.y_std + dd.y_mean
+        return {"test_mse": torch.mean((pred - dd.y_test) ** 2).item()}
+
+    def meta(self) -> dict:
+        dd = self.data
+        return {"features": dd.feature_names, "target": dd.target, "x_mean": dd.x_mean.tolist(),
+                "x_std": dd.x_std.tolist(), "y_mean": float(dd.y_mean), "y_std": float(dd.y_std)}
+
+
+def make_task(cfg: Config) -> Task:
+    name = cfg.data.name
+    kind = "text" if name == "text" else "tabular" if name in ("diabetes", "csv") else "image"
+    from nnlab.models import get_spec
+
+    spec = get_spec(cfg.model["name"])
+    if spec.task != kind and not (spec.name == "mlp" and kind == "image"):
+        raise ConfigError(f"data.name: model {spec.name!r} takes {spec.task} data, not {name!r}")
+    return {"image": ImageTask, "text": TextTask, "tabular": TabularTask}[kind](cfg)
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """Learning rate at `step`: linear warmup, then constant, cosine or linear decay to min_lr."""
+    warmup = cfg.warmup_steps or int(cfg.warmup_frac * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+    return cfg.lr + frac * (cfg.min_lr - cfg.lr)  # linear

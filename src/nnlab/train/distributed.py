@@ -1,0 +1,72 @@
+"""Process group set-up and the one place where scaling is applied to a single-device model.
+
+Launch with torchrun (`torchrun --nproc_per_node=N -m nnlab train RECIPE`); without it, world
+size is 1 and nothing here does anything. Backend: nccl on CUDA, gloo on CPU.
+
+Order in `parallelize` (documented, as in torchtitan): channels_last memory format -> activation
+checkpointing (inside the model config) -> torch.compile -> DDP. The model files never see any of it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Env:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init() -> Env:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Env(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_mean(x: torch.Tensor, env: Env) -> torch.Tensor:
+    """The mean of a scalar tensor over ranks (so every rank logs and decides alike)."""
+    if env.world_size > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= env.world_size
+    return x
+
+
+def parallelize(model: nn.Module, compile: bool, env: Env) -> nn.Module:
+    """Wrap the single-device model for speed and scale; returns the module to call in the loop."""
+    if compile:
+        try:
+            model = torch.compile(model)
+        except Exception as e:  # e.g. no C compiler, or an unsupported platform
+            warnings.warn(f"train.compile: torch.compile unavailable ({e.__class__.__name__}); running eager")
+    if env.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model

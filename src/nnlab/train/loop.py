@@ -1,0 +1,217 @@
+"""The training loop: the article's init -> forward -> loss -> backward -> update, made real.
+
+Read `train()` top to bottom: set up (config, data, model, optimizer, resume), then one loop over
+optimizer steps: set the learning rate; for each micro-batch forward, loss, backward; clip; step;
+zero the gradients; then log, evaluate and checkpoint when due. Precision, compile and
+distribution are applied by helpers, never by a second copy of this loop.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnlab import run as runfolder
+from nnlab.config import Config, load_config
+from nnlab.errors import ConfigError, NnlabError
+from nnlab.models import build_model
+from nnlab.tasks import Task, lr_at, make_task
+from nnlab.train import distributed
+from nnlab.train.checkpoint import atomic_write_text, load_tensors, optimizer_from_flat, optimizer_to_flat, save_tensors
+from nnlab.train.log import RunLogger
+from nnlab.train.optim import make_optimizer
+from nnlab.train.precision import autocast, resolve_precision
+
+CKPT = "checkpoints/last.safetensors"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(recipe: str | None = None, overrides: list[str] | dict | None = None, *, config_file: str | None = None,
+          out: str | None = None, resume: str | None = None) -> Path:
+    """Train a recipe (or resume a run) and return its run folder."""
+    env = distributed.init()
+    try:
+        return _train(recipe, overrides, config_file, out, resume, env)
+    finally:
+        distributed.shutdown()
+
+
+def _train(recipe, overrides, config_file, out, resume, env) -> Path:
+    # ---- configuration and run folder ------------------------------------------------------------
+    if resume:
+        run_dir = Path(resume)
+        cfg = runfolder.read_config(run_dir)
+        if not (run_dir / CKPT).exists():
+            raise NnlabError(f"--resume {run_dir}: no checkpoint at {run_dir / CKPT}")
+    else:
+        if recipe is None:
+            raise ConfigError("train: give a recipe (see `nnlab recipes`) or --resume RUN_DIR")
+        cfg = load_config(recipe, config_file, overrides)
+        run_dir = runfolder.new_run_dir(out, cfg.recipe) if env.is_main else None
+        if env.world_size > 1:  # every rank needs the folder's name (to resume), rank 0 chose it
+            obj = [str(run_dir)]
+            torch.distributed.broadcast_object_list(obj, src=0)
+            run_dir = Path(obj[0])
+    t = cfg.train
+    micro, rem = divmod(t.batch_size, env.world_size * t.grad_accum)
+    if rem or micro == 0:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by world size {env.world_size} "
+                          f"x train.grad_accum {t.grad_accum}")
+
+    # ---- data, model, optimizer ------------------------------------------------------------------
+    seed_everything(t.seed)
+    task = make_task(cfg)
+    cfg.model = {**cfg.model, **task.model_fields()}  # the data decides classes / vocabulary / input size
+    fields = {k: v for k, v in cfg.model.items() if k != "name"}
+    try:
+        model = build_model(cfg.model["name"], **fields)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+    precision, precision_why = resolve_precision(t.precision, env.device)
+    model.to(env.device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, t)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    step, bad_steps, train_seconds = 0, 0, 0.0
+    if resume:
+        step, bad_steps, train_seconds = _load_checkpoint(run_dir / CKPT, model, optimizer)
+    elif env.is_main:
+        runfolder.write_config(run_dir, cfg)
+    fmodel = distributed.parallelize(model, t.compile, env)
+
+    total = task.total_steps()
+    unit = "tokens" if task.kind == "text" else "samples"
+    per_step = t.batch_size * (task.block_size if task.kind == "text" else 1)
+    log = RunLogger(run_dir if env.is_main else None, total, unit, start_step=step)
+    log.say(f"{cfg.recipe}: {cfg.model['name']} with {n_params:,} parameters, {total} steps of {t.batch_size} "
+            f"on {env.device} x{env.world_size}, precision {precision} ({precision_why}); run folder {run_dir}")
+    if resume:
+        log.say(f"resumed at step {step}")
+    metrics: dict = {}
+
+    # ---- the loop --------------------------------------------------------------------------------
+    model.train()
+    window_t, window_steps = time.perf_counter(), 0
+    while step < total:
+        t_step = time.perf_counter()
+        lr = lr_at(step, total, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=env.device)
+        for k in range(t.grad_accum):
+            lo = (env.rank * t.grad_accum + k) * micro
+            x, y = task.batch(step, lo, lo + micro)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            if t.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # DDP all-reduces gradients on every backward; skip that for all but the last micro-batch.
+            sync = k == t.grad_accum - 1 or env.world_size == 1
+            with (nullcontext() if sync else fmodel.no_sync()), autocast(precision, env.device):
+                loss = task.loss(fmodel(x), y) / t.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        # The one device-to-host sync per step: the loss for the log, and the NaN/Inf check.
+        loss_val = distributed.all_mean(loss_sum, env).item()
+        if not math.isfinite(loss_val):
+            bad_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            if bad_steps > t.max_bad_steps:
+                log.close()
+                kept = f"; last good checkpoint kept at {run_dir / CKPT}" if (run_dir / CKPT).exists() else ""
+                raise NnlabError(f"train: loss is {loss_val} at step {step}; stopped{kept}")
+            log.say(f"step {step}: loss is {loss_val}, batch skipped ({bad_steps}/{t.max_bad_steps})")
+            step += 1
+            continue
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_seconds += time.perf_counter() - t_step
+        window_steps += 1
+
+        if step % t.log_every == 0 or step == total:
+            now = time.perf_counter()
+            rate = window_steps * per_step / max(now - window_t, 1e-9)
+            eta = (total - step) * (now - window_t) / max(window_steps, 1)
+            log.train_line(step, loss_val, lr, rate, eta)
+            log.record("train", step, loss=loss_val, lr=lr, **{f"{unit}_per_s": rate})
+            window_t, window_steps = now, 0
+
+        epoch_end = step % task.steps_per_epoch() == 0
+        if (step % t.eval_every == 0 if t.eval_every else epoch_end) or step == total:
+            if env.is_main:
+                model.eval()
+                metrics = task.evaluate(model, env.device)
+                model.train()
+                log.record("eval", step, **metrics)
+                log.say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if t.checkpoint_every == 0 and env.is_main:
+                _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds)
+            window_t = time.perf_counter()  # evaluation time is not training throughput
+        if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == total) and env.is_main:
+            _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds)
+            window_t = time.perf_counter()
+    log.close()
+
+    # ---- the finished run ------------------------------------------------------------------------
+    if env.is_main:
+        if not metrics:  # resumed after the last step: nothing was evaluated in this process
+            model.eval()
+            metrics = task.evaluate(model, env.device)
+        runfolder.save_model(run_dir, model, cfg.model, task.kind, task.meta())
+        summary = {"recipe": cfg.recipe, "model": cfg.model["name"], "steps": step, "train_seconds": round(train_seconds, 2),
+                   "params": n_params, **metrics, "precision": precision, "precision_reason": precision_why,
+                   "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed, **runfolder.provenance()}
+        atomic_write_text(run_dir / "summary.json", __import__("json").dumps(summary, indent=2))
+        log.say("done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; run folder {run_dir}")
+    return run_dir
+
+
+def _save_checkpoint(path: Path, model, optimizer, cfg: Config, step: int, bad_steps: int, train_seconds: float):
+    """Everything --resume needs, in one atomically written safetensors file."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    np_state = np.random.get_state()
+    meta = {"step": step, "bad_steps": bad_steps, "train_seconds": train_seconds, "optimizer": opt_meta,
+            "rng_python": _jsonable(random.getstate()), "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "config": cfg.to_dict()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_tensors(path, tensors, meta)
+
+
+def _load_checkpoint(path: Path, model, optimizer) -> tuple[int, int, float]:
+    tensors, meta = load_tensors(path)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    random.setstate(_tuples(meta["rng_python"]))
+    s = meta["rng_numpy"]
+    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
+    return meta["step"], meta["bad_steps"], meta["train_seconds"]
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
