@@ -64,6 +64,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (eager with a warning where unsupported)
     channels_last: bool = False  # NHWC memory format for convolutional models
     max_bad_steps: int = 0  # skip up to this many NaN/Inf losses instead of stopping
+    strategy: str = "ddp"  # under torchrun: ddp (replicate) | fsdp (shard with FSDP2 fully_shard)
 
 
 @dataclass
@@ -85,6 +86,7 @@ CHOICES = {
     "train.loss": ("auto", "cross_entropy", "mse"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.strategy": ("ddp", "fsdp"),
 }
 POSITIVE = {"train.batch_size", "train.grad_accum", "train.log_every", "train.eval_iters",
             "train.eval_batch_size", "train.epochs", "train.max_steps", "data.limit", "data.image_size"}

@@ -94,7 +94,7 @@ def generate_text(run_dir, prompt: str, max_new_tokens: int = 200, temperature: 
 
     model, info = load(run_dir)
     if info.get("task") != "text":
-        raise NnlabError(f"{run_dir}: holds a {info.get('task')} model, not a language model")
+        raise NnlabError(f"{run_dir}: holds a model for {info.get('task')} data, not a language model")
     if not 0 <= max_new_tokens <= 100_000:
         raise NnlabError(f"--max-new-tokens: must be between 0 and 100000, got {max_new_tokens}")
     if not prompt:

@@ -56,8 +56,7 @@ def new_run_dir(out: str | None, recipe: str) -> Path:
         while path.exists():
             n += 1
             path = Path("runs") / f"{recipe or 'run'}-{stamp}-{n}"
-    (path / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return path
+    return path  # created by write_config, once data and model have loaded without error
 
 
 def read_config(run_dir: str | Path) -> Config:
@@ -68,12 +67,16 @@ def read_config(run_dir: str | Path) -> Config:
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
 
-def save_model(run_dir: Path, model: nn.Module, model_cfg: dict, task_kind: str, meta: dict) -> None:
+def save_model(run_dir: Path, weights: dict | nn.Module, model_cfg: dict, task_kind: str, meta: dict) -> None:
+    """Publish the final model: weights (a module or its full state dict) + model.json."""
+    if isinstance(weights, nn.Module):
+        weights = weights.state_dict()
     info = {"model": model_cfg, "task": task_kind, **meta, "provenance": provenance()}
-    save_tensors(run_dir / "model.safetensors", model.state_dict())
+    save_tensors(run_dir / "model.safetensors", weights)
     atomic_write_text(run_dir / "model.json", json.dumps(info, indent=2))
 
 
@@ -90,7 +93,10 @@ def load(run_dir: str | Path, explicit: bool | None = None) -> tuple[nn.Module, 
         raise NnlabError(f"{run_dir}: no model.json (not a finished run folder?)") from None
     except (ValueError, KeyError, TypeError) as e:
         raise NnlabError(f"{run_dir / 'model.json'}: corrupt ({e.__class__.__name__}: {e})") from None
-    model = build_model(name, **fields)
+    try:
+        model = build_model(name, **fields)
+    except (ValueError, TypeError, NnlabError) as e:
+        raise NnlabError(f"{run_dir / 'model.json'}: describes no buildable model ({e})") from None
     tensors, _ = load_tensors(run_dir / "model.safetensors")
     try:
         model.load_state_dict(tensors)

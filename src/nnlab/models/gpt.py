@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from nnlab.models import register
 from nnlab.nn import Dense
@@ -39,6 +40,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Dense and LayerNorm layers (GPT-2: True)
     explicit: bool = False  # True: the article's attention/dense formulas via nnlab.ops; False: SDPA, F.linear
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -83,6 +85,10 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         maps, new_past = [], []
         for i, block in enumerate(self.blocks):
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each block's input; its activations are recomputed during backward.
+                x = checkpoint(lambda h, b=block: b(h)[0], x, use_reentrant=False)
+                continue
             x, A, kv = block(x, past_kv=past[i] if past else None, need_weights=need_weights)
             maps.append(A)  # (B, n_head, T, t0 + T) or None
             new_past.append(kv)  # K, V each (B, n_head, t0 + T, d_k)

@@ -28,11 +28,15 @@ MAX_HEADER = 100 * 1024 * 1024  # a safetensors header larger than this is hosti
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the old file is untouched; leave no debris beside it
+        raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         os.fsync(fd)
@@ -68,14 +72,16 @@ def check_safetensors(path: Path) -> bytes:
         raise NnlabError(f"{path}: no such file") from None
     except OSError as e:
         raise NnlabError(f"{path}: cannot read ({e.strerror})") from None
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else None
+    if n is not None and n <= min(MAX_HEADER, len(data) - 8) and data[8:9] == b"{":
+        return data
+    # Sniff pickles only now: a real safetensors file starts with its header length, whose low
+    # byte is 0x80 (or low bytes "PK") for 1 in 32 (1 in 8192) header sizes.
     if data[:2] == b"PK" or data[:1] == b"\x80":
         raise NnlabError(f"{path}: refused: a pickle/torch.save file, not safetensors (nnlab never unpickles)")
-    if len(data) < 8:
+    if n is None:
         raise NnlabError(f"{path}: not a safetensors file (only {len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > min(MAX_HEADER, len(data) - 8) or data[8:9] != b"{":
-        raise NnlabError(f"{path}: not a safetensors file (bad header)")
-    return data
+    raise NnlabError(f"{path}: not a safetensors file (bad header)")
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -92,26 +98,43 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 # --- optimizer state <-> flat tensors + JSON ------------------------------------------------------
+# An optimizer state dict is {"state": {param_key: {name: tensor or number}}, "param_groups": [...]};
+# param_key is an index (torch.optim) or a parameter's name (torch.distributed.checkpoint's
+# full state dict, used for FSDP). Tensors go to safetensors as "optim/<param_key>/<name>".
 
-def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+
+def state_to_flat(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
+    for key, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"optim.{idx}.{k}"] = v
+                tensors[f"optim/{key}/{k}"] = v
             else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars[f"{key}/{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "int_keys": _int_keys(sd)}
+
+
+def state_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    conv = int if meta.get("int_keys") else str
+    state: dict = {}
+    for name, v in tensors.items():
+        if name.startswith("optim/"):
+            key, k = name[len("optim/"):].rsplit("/", 1)
+            state.setdefault(conv(key), {})[k] = v
+    for name, v in meta["scalars"].items():
+        key, k = name.rsplit("/", 1)
+        state.setdefault(conv(key), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _int_keys(sd: dict) -> bool:
+    return all(isinstance(k, int) for k in sd["state"]) and all(
+        isinstance(p, int) for g in sd["param_groups"] for p in g["params"])
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    return state_to_flat(opt.state_dict())
 
 
 def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, idx, k = key.split(".", 2)
-            state.setdefault(int(idx), {})[k] = v
-    for key, v in meta["scalars"].items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    opt.load_state_dict(state_from_flat(tensors, meta))

@@ -3,8 +3,9 @@
 Launch with torchrun (`torchrun --nproc_per_node=N -m nnlab train RECIPE`); without it, world
 size is 1 and nothing here does anything. Backend: nccl on CUDA, gloo on CPU.
 
-Order in `parallelize` (documented, as in torchtitan): channels_last memory format -> activation
-checkpointing (inside the model config) -> torch.compile -> DDP. The model files never see any of it.
+Order, applied from outside the model (as in torchtitan): channels_last memory format (loop) ->
+activation checkpointing (a model config switch) -> FSDP2 sharding (in place, per block, then the
+root) -> torch.compile -> DDP wrapper. The model files never see any of it.
 """
 
 from __future__ import annotations
@@ -58,14 +59,26 @@ def all_mean(x: torch.Tensor, env: Env) -> torch.Tensor:
     return x
 
 
-def parallelize(model: nn.Module, compile: bool, env: Env) -> nn.Module:
-    """Wrap the single-device model for speed and scale; returns the module to call in the loop."""
+def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env) -> nn.Module:
+    """Wrap the single-device model for speed and scale; returns the module to call in the loop.
+
+    FSDP2 shards `model` in place (its parameters become DTensors), so the loop keeps using
+    `model` for evaluation and checkpoints; DDP and compile return wrappers used only for training.
+    """
+    if env.world_size > 1 and strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # Shard each repeated block on its own, so only one block's full weights exist at a time.
+        for blocks in (getattr(model, "blocks", None), getattr(model, "stages", None), getattr(model, "layers", None)):
+            for block in blocks or []:
+                fully_shard(block)
+        fully_shard(model)
     if compile:
         try:
             model = torch.compile(model)
         except Exception as e:  # e.g. no C compiler, or an unsupported platform
             warnings.warn(f"train.compile: torch.compile unavailable ({e.__class__.__name__}); running eager")
-    if env.world_size > 1:
+    if env.world_size > 1 and strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)

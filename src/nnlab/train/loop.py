@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from nnlab import run as runfolder
 from nnlab.config import Config, load_config
@@ -23,7 +25,7 @@ from nnlab.errors import ConfigError, NnlabError
 from nnlab.models import build_model
 from nnlab.tasks import Task, lr_at, make_task
 from nnlab.train import distributed
-from nnlab.train.checkpoint import atomic_write_text, load_tensors, optimizer_from_flat, optimizer_to_flat, save_tensors
+from nnlab.train.checkpoint import atomic_write_text, load_tensors, save_tensors, state_from_flat, state_to_flat
 from nnlab.train.log import RunLogger
 from nnlab.train.optim import make_optimizer
 from nnlab.train.precision import autocast, resolve_precision
@@ -82,15 +84,18 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     model.to(env.device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, t)
     n_params = sum(p.numel() for p in model.parameters())
 
+    if env.is_main and not resume:
+        runfolder.write_config(run_dir, cfg)
+    # Sharding (FSDP) changes the parameters, so it comes before the optimizer is built.
+    fmodel = distributed.parallelize(model, t.compile, t.strategy, env)
+    optimizer = make_optimizer(model, t)
     step, bad_steps, train_seconds = 0, 0, 0.0
     if resume:
         step, bad_steps, train_seconds = _load_checkpoint(run_dir / CKPT, model, optimizer)
-    elif env.is_main:
-        runfolder.write_config(run_dir, cfg)
-    fmodel = distributed.parallelize(model, t.compile, env)
+    # Under FSDP every rank holds a shard, so every rank must take part in evaluation and saving.
+    all_ranks = env.world_size > 1 and t.strategy == "fsdp"
 
     total = task.total_steps()
     unit = "tokens" if task.kind == "text" else "samples"
@@ -153,26 +158,27 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
 
         epoch_end = step % task.steps_per_epoch() == 0
         if (step % t.eval_every == 0 if t.eval_every else epoch_end) or step == total:
-            if env.is_main:
+            if env.is_main or all_ranks:
                 model.eval()
                 metrics = task.evaluate(model, env.device)
                 model.train()
                 log.record("eval", step, **metrics)
                 log.say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if t.checkpoint_every == 0 and env.is_main:
-                _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds)
+            if t.checkpoint_every == 0:
+                _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds, env)
             window_t = time.perf_counter()  # evaluation time is not training throughput
-        if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == total) and env.is_main:
-            _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds)
+        if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == total):
+            _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds, env)
             window_t = time.perf_counter()
     log.close()
 
     # ---- the finished run ------------------------------------------------------------------------
+    weights = _full_state(model)  # a collective under FSDP: every rank calls it
     if env.is_main:
         if not metrics:  # resumed after the last step: nothing was evaluated in this process
             model.eval()
             metrics = task.evaluate(model, env.device)
-        runfolder.save_model(run_dir, model, cfg.model, task.kind, task.meta())
+        runfolder.save_model(run_dir, weights, cfg.model, task.kind, task.meta())
         summary = {"recipe": cfg.recipe, "model": cfg.model["name"], "steps": step, "train_seconds": round(train_seconds, 2),
                    "params": n_params, **metrics, "precision": precision, "precision_reason": precision_why,
                    "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed, **runfolder.provenance()}
@@ -181,10 +187,24 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     return run_dir
 
 
-def _save_checkpoint(path: Path, model, optimizer, cfg: Config, step: int, bad_steps: int, train_seconds: float):
-    """Everything --resume needs, in one atomically written safetensors file."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+def _full_state(model) -> dict:
+    """The full (unsharded) model state dict on CPU; under FSDP a collective, empty on ranks > 0."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_checkpoint(path: Path, model, optimizer, cfg: Config, step: int, bad_steps: int, train_seconds: float,
+                     env: distributed.Env):
+    """Everything --resume needs, in one atomically written safetensors file (written by rank 0).
+
+    The state dicts are gathered in full (a collective under FSDP), so a checkpoint loads at any
+    world size, and optimizer state is keyed by parameter name."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if not env.is_main:
+        return
+    tensors = {f"model.{k}": v for k, v in model_sd.items()}
+    opt_tensors, opt_meta = state_to_flat(optim_sd)
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     np_state = np.random.get_state()
@@ -198,8 +218,9 @@ def _save_checkpoint(path: Path, model, optimizer, cfg: Config, step: int, bad_s
 
 def _load_checkpoint(path: Path, model, optimizer) -> tuple[int, int, float]:
     tensors, meta = load_tensors(path)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, options=opts)
+    set_optimizer_state_dict(model, optimizer, state_from_flat(tensors, meta["optimizer"]), options=opts)
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])

@@ -1,0 +1,80 @@
+"""Train shipped recipes end to end and print what each reaches against its target.
+
+The accuracy / loss targets of the core issue live here, not in timed unit tests:
+
+    python benchmarks/recipes.py [RECIPE ...] [--set KEY=VALUE ...] [--out runs/bench] [--json results.json]
+
+Each line names the processor, precision and wall time, so figures from different machines are
+never mixed up. seed-cnn is also compared with the plain PyTorch loop of benchmarks/plain_cnn.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import nnlab
+from nnlab.train.precision import cpu_name, native_bf16
+
+# recipe -> (metric, target, "ge" or "le"); mlp-regression is compared with scikit-learn instead.
+TARGETS = {
+    "seed-cnn": ("test_accuracy", None, "ge"),
+    "seed-cnn-fast": ("test_accuracy", 0.91, "ge"),
+    "cnn": ("test_accuracy", 0.93, "ge"),
+    "vit": ("test_accuracy", 0.88, "ge"),
+    "mlp-regression": ("test_mse", None, "le"),
+    "gpt-shakespeare": ("val_loss", 1.90, "le"),
+}
+
+
+def sklearn_linear_mse(run_dir: Path) -> float:
+    """scikit-learn's LinearRegression on exactly the split the run used."""
+    from sklearn.linear_model import LinearRegression
+
+    from nnlab.run import read_config
+    from nnlab.tasks import make_task
+
+    task = make_task(read_config(run_dir))
+    d = task.data
+    pred = LinearRegression().fit(d.x_train.numpy(), d.y_train.numpy()).predict(d.x_test.numpy())
+    return float(((torch.tensor(pred) - d.y_test) ** 2).mean())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("recipes", nargs="*", default=list(TARGETS))
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    cpu = cpu_name()
+    bf16 = native_bf16(torch.device("cpu"))[0]
+    print(f"# torch {torch.__version__}, {cpu}, native bf16: {bf16}, threads {torch.get_num_threads()}")
+    results = []
+    for recipe in a.recipes:
+        out = Path(a.out) / recipe
+        if (out / "summary.json").exists():
+            print(f"# {recipe}: reusing {out}")
+        else:
+            nnlab.train(recipe, a.set, out=str(out))
+        s = json.loads((out / "summary.json").read_text())
+        metric, target, how = TARGETS[recipe]
+        line = {"recipe": recipe, metric: round(s[metric], 4), "target": target, "steps": s["steps"],
+                "train_seconds": s["train_seconds"], "precision": s["precision"], "cpu": cpu}
+        if recipe == "mlp-regression":
+            line["sklearn_linear_regression_mse"] = round(sklearn_linear_mse(out), 1)
+        if target is not None:
+            line["met"] = s[metric] >= target if how == "ge" else s[metric] <= target
+        results.append(line)
+        print(json.dumps(line), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

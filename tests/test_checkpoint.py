@@ -1,0 +1,401 @@
+"""Checkpoints and saved models: nothing is ever unpickled, writes are atomic, tied weights and
+optimizer state survive the round trip through safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import nnlab
+from nnlab import cli
+from nnlab.errors import NnlabError
+from nnlab.models import build_model
+from nnlab.run import save_model
+from nnlab.train import checkpoint
+from nnlab.train.checkpoint import (
+    check_safetensors,
+    load_tensors,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_tensors,
+    state_from_flat,
+    state_to_flat,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class OpenPayload:
+    """Unpickling this creates `marker` with open() (no shell needed)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def hostile_files(tmp_path: Path, marker: Path) -> dict[str, bytes]:
+    """Files that run code when unpickled: pickles of several protocols and a zip-based torch.save."""
+    files = {
+        "pickle-p4": pickle.dumps({"weight": Payload(marker)}, protocol=4),
+        "pickle-p2-open": pickle.dumps(OpenPayload(marker), protocol=2),
+        "pickle-p0": pickle.dumps(Payload(marker), protocol=0),  # starts with "c", not 0x80
+    }
+    pt = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": Payload(marker)}, pt)
+    files["torch-save-zip"] = pt.read_bytes()
+    assert files["torch-save-zip"][:2] == b"PK"
+    return files
+
+
+@pytest.fixture
+def marker(tmp_path) -> Path:
+    return tmp_path / "PWNED"
+
+
+def test_the_payloads_are_live(tmp_path, marker):
+    """Sanity check of the test itself: unpickling these files really does create the marker."""
+    for name, data in hostile_files(tmp_path, marker).items():
+        if name == "torch-save-zip":
+            torch.load(tmp_path / "evil.pt", weights_only=False)
+        else:
+            pickle.loads(data)
+        assert marker.exists(), name
+        marker.unlink()
+
+
+def tiny_mlp_run(folder: Path) -> Path:
+    """A finished-looking run folder (model.json + model.safetensors) of a tiny MLP, built without training."""
+    folder.mkdir()
+    torch.manual_seed(0)
+    fields = {"in_features": 3, "hidden": (4,), "out_features": 1}
+    model = build_model("mlp", **fields)
+    save_model(folder, model, {"name": "mlp", **fields}, "tabular", {})
+    return folder
+
+
+def test_load_refuses_pickles_offered_as_model_safetensors(tmp_path, marker):
+    run = tiny_mlp_run(tmp_path / "run")
+    assert nnlab.load(run)[0] is not None  # the folder is fine as built
+    for name, data in hostile_files(tmp_path, marker).items():
+        (run / "model.safetensors").write_bytes(data)
+        with pytest.raises(NnlabError) as e:
+            nnlab.load(run)
+        msg = str(e.value)
+        assert "\n" not in msg and "model.safetensors" in msg, msg
+        if name != "pickle-p0":
+            assert "refused" in msg and "pickle" in msg, msg
+        else:
+            assert "not a safetensors file" in msg, msg
+        assert not marker.exists(), name
+
+
+def test_resume_refuses_a_pickle_checkpoint(tmp_path, marker, csv_file, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = nnlab.train("mlp-regression", [f"data.path={csv_file}", "data.name=csv", "data.target=y",
+                                         "train.epochs=2", "train.batch_size=32"], out=str(tmp_path / "run"))
+    model_bytes = (run / "model.safetensors").read_bytes()
+    summary = (run / "summary.json").read_text()
+    ckpt = run / "checkpoints" / "last.safetensors"
+    load_tensors(ckpt)  # a real checkpoint first
+    for name, data in hostile_files(tmp_path, marker).items():
+        ckpt.write_bytes(data)
+        capsys.readouterr()
+        rc = cli.main(["train", "--resume", str(run)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, name
+        assert len(err.splitlines()) == 1 and err.startswith("nnlab: error: ") and str(ckpt) in err, err
+        if name != "pickle-p0":
+            assert "refused" in err, err
+        assert not marker.exists(), name
+        # nothing was written over the finished run
+        assert (run / "model.safetensors").read_bytes() == model_bytes
+        assert (run / "summary.json").read_text() == summary
+
+
+# ------------------------------------------------------------------------------------------------
+# check_safetensors
+
+
+def _header_file(path: Path, n: int, rest: bytes) -> Path:
+    path.write_bytes(struct.pack("<Q", n) + rest)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["garbage", "short", "empty", "huge-header", "header-past-eof", "not-json-object",
+                                  "over-max-header"])
+def test_check_safetensors_rejects_bad_files(tmp_path, kind, monkeypatch):
+    p = tmp_path / "x.safetensors"
+    if kind == "garbage":
+        p.write_bytes(bytes(range(7, 256)) * 40)
+    elif kind == "short":
+        p.write_bytes(b"\x01\x02\x03")
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "huge-header":  # a header "length" of 2^62: would be a giant allocation
+        _header_file(p, 2**62, b"{}")
+    elif kind == "header-past-eof":
+        _header_file(p, 100, b'{"a": 1}')
+    elif kind == "not-json-object":
+        _header_file(p, 4, b"[1,]")
+    else:  # a well-formed file whose header is larger than the limit
+        save_tensors(p, {"w": torch.zeros(3)}, {"note": "x" * 200})
+        check_safetensors(p)  # fine under the real limit
+        monkeypatch.setattr(checkpoint, "MAX_HEADER", 64)
+    with pytest.raises(NnlabError) as e:
+        check_safetensors(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(NnlabError):
+        load_tensors(p)
+
+
+def _save_padded(p: Path, k: int) -> int:
+    """save_tensors with k bytes of metadata padding; returns the header length."""
+    save_tensors(p, {"w": torch.arange(3.0)}, {"pad": "x" * k})
+    return struct.unpack("<Q", p.read_bytes()[:8])[0]
+
+
+def _saved_with_header_length(p: Path, n_want: int) -> None:
+    """save_tensors to p with metadata padded until the header is exactly n_want bytes long."""
+    start = max(0, n_want - _save_padded(p, 0) - 16)  # one padding byte adds one header byte
+    for k in range(start, start + 32):
+        if _save_padded(p, k) == n_want:
+            return
+    raise AssertionError(f"no padding gave a {n_want}-byte header")
+
+
+def test_every_header_length_loads_back(tmp_path):
+    """The first 8 bytes of a safetensors file are its header length: files whose length happens to
+    start with byte 0x80 (the pickle protocol opcode) or "PK" (zip) are still safetensors files."""
+    p = tmp_path / "x.safetensors"
+    lows = set()
+    for k in range(0, 264):  # the header is padded to 8 bytes: this covers all 32 low bytes
+        _save_padded(p, k)
+        lows.add(p.read_bytes()[0])
+        got, meta = load_tensors(p)
+        assert meta == {"pad": "x" * k} and torch.equal(got["w"], torch.arange(3.0))
+    assert 0x80 in lows and len(lows) == 32
+    _saved_with_header_length(p, 0x4B50)  # 19,280 bytes: the file starts with b"PK"
+    assert p.read_bytes()[:2] == b"PK"
+    assert torch.equal(load_tensors(p)[0]["w"], torch.arange(3.0))
+
+
+def test_load_tensors_reports_a_corrupt_body(tmp_path):
+    p = tmp_path / "x.safetensors"
+    header = b'{"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}'
+    p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)  # body far shorter than declared
+    check_safetensors(p)  # the header itself looks fine
+    with pytest.raises(NnlabError, match="corrupt safetensors"):
+        load_tensors(p)
+
+
+def test_missing_file_is_an_nnlab_error(tmp_path):
+    with pytest.raises(NnlabError, match="no such file"):
+        load_tensors(tmp_path / "nope.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def test_save_tensors_round_trip_with_meta(tmp_path):
+    p = tmp_path / "a.safetensors"
+    t = {"w": torch.randn(3, 4), "i": torch.arange(5), "b": torch.tensor([True, False])}
+    save_tensors(p, t, {"step": 7, "nested": {"x": [1, 2]}})
+    got, meta = load_tensors(p)
+    assert meta == {"step": 7, "nested": {"x": [1, 2]}}
+    assert got.keys() == t.keys() and all(torch.equal(got[k], t[k]) for k in t)
+
+
+def test_failed_rename_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    p = tmp_path / "last.safetensors"
+    old = {"w": torch.arange(6.0)}
+    save_tensors(p, old, {"step": 1})
+
+    def crash(src, dst):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    with pytest.raises(OSError):
+        save_tensors(p, {"w": torch.full((1000,), 9.0)}, {"step": 2})
+    monkeypatch.undo()
+    got, meta = load_tensors(p)
+    assert meta == {"step": 1} and torch.equal(got["w"], old["w"])
+
+
+def test_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    p = tmp_path / "last.safetensors"
+    save_tensors(p, {"w": torch.arange(6.0)}, {"step": 1})
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    with pytest.raises(OSError):
+        save_tensors(p, {"w": torch.full((1000,), 9.0)}, {"step": 2})
+    monkeypatch.undo()
+    got, meta = load_tensors(p)
+    assert meta == {"step": 1} and torch.equal(got["w"], torch.arange(6.0))
+
+
+def test_process_killed_mid_save_leaves_the_previous_file_whole(tmp_path):
+    """A real process dies (SIGKILL) after writing the new bytes but before the rename."""
+    p = tmp_path / "last.safetensors"
+    save_tensors(p, {"w": torch.arange(6.0)}, {"step": 1})
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from nnlab.train import checkpoint
+        def die(src, dst):
+            assert os.path.getsize(src) > 4_000_000  # the new file was fully written to the temp name
+            os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.os.replace = die
+        checkpoint.save_tensors({str(p)!r}, {{"w": torch.ones(1_000_000)}}, {{"step": 2}})
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr
+    got, meta = load_tensors(p)
+    assert meta == {"step": 1} and torch.equal(got["w"], torch.arange(6.0))
+    # the next save goes through and replaces it
+    save_tensors(p, {"w": torch.ones(2)}, {"step": 3})
+    assert load_tensors(p)[1] == {"step": 3}
+
+
+# ------------------------------------------------------------------------------------------------
+# tied weights
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return build_model("gpt", vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8).eval()
+
+
+def test_tied_weights_round_trip_through_save_and_load_tensors(tmp_path):
+    m = tiny_gpt()
+    sd = m.state_dict()
+    assert sd["lm_head.weight"].data_ptr() == sd["tok_emb.weight"].data_ptr()
+    save_tensors(tmp_path / "m.safetensors", sd)
+    got, _ = load_tensors(tmp_path / "m.safetensors")
+    assert got.keys() == sd.keys()
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
+    m2 = tiny_gpt(seed=1)
+    m2.load_state_dict(got)
+    assert m2.lm_head.weight is m2.tok_emb.weight  # still one Parameter after loading
+    idx = torch.randint(0, 11, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(m2(idx), m(idx))
+
+
+def test_tied_gpt_round_trips_through_a_run_folder(tmp_path):
+    m = tiny_gpt()
+    with torch.no_grad():  # make the tied matrix distinctive, so a half-loaded tie would show
+        m.tok_emb.weight.mul_(3.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    fields = {f: getattr(m.cfg, f) for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}
+    save_model(run, m, {"name": "gpt", **fields}, "text",
+               {"tokenizer": {"kind": "char", "chars": "abcdefghijk"}})
+    loaded, info = nnlab.load(run)
+    assert info["task"] == "text" and not loaded.training
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+    assert torch.equal(loaded.tok_emb.weight, m.tok_emb.weight)
+    idx = torch.randint(0, 11, (3, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), m(idx))
+    # the tie keeps working after loading: one update moves both uses
+    with torch.no_grad():
+        loaded.lm_head.weight[0, 0] = 42.0
+    assert loaded.tok_emb.weight[0, 0].item() == 42.0
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer state
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def _step(model, opt, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 2, generator=g)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+def _make_opt(name, model):
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=0.01, betas=(0.9, 0.99))
+
+
+def _to_flat(how, model, opt):
+    if how == "optimizer":  # torch.optim's own state dict: keyed by parameter index
+        return optimizer_to_flat(opt)
+    # what the training loop saves: the full state dict keyed by parameter name
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return state_to_flat(get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True)))
+
+
+def _from_flat(how, model, opt, tensors, meta):
+    if how == "optimizer":
+        return optimizer_from_flat(opt, tensors, meta)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, state_from_flat(tensors, meta), options=StateDictOptions(full_state_dict=True))
+
+
+@pytest.mark.parametrize("how", ["optimizer", "by-name"])
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_state_round_trip_gives_the_same_next_step(tmp_path, name, how):
+    a = _model()
+    opt_a = _make_opt(name, a)
+    for s in range(3):
+        _step(a, opt_a, s)
+    tensors, meta = _to_flat(how, a, opt_a)
+    assert tensors, "the optimizer state holds tensors (momentum / moments)"
+    p = tmp_path / "ckpt.safetensors"
+    save_tensors(p, {**{f"model.{k}": v for k, v in a.state_dict().items()}, **tensors}, {"optimizer": meta})
+    got, got_meta = load_tensors(p)
+
+    b = _model(seed=1)  # different weights and a fresh optimizer...
+    b.load_state_dict({k[6:]: v for k, v in got.items() if k.startswith("model.")})
+    opt_b = _make_opt(name, b)
+    _from_flat(how, b, opt_b, got, got_meta["optimizer"])  # ... restored from disk
+
+    c = _model(seed=1)  # the control: same weights, optimizer state NOT restored
+    c.load_state_dict(a.state_dict())
+    opt_c = _make_opt(name, c)
+
+    for m, o in ((a, opt_a), (b, opt_b), (c, opt_c)):
+        _step(m, o, 99)
+        _step(m, o, 100)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters())), \
+        "the control should differ, else this test could not see a lost optimizer state"
+    assert json.dumps(got_meta)  # all of it is plain JSON

@@ -1,0 +1,94 @@
+"""Claims about the loop carry evidence: accumulation, bf16 and compile reproduce the plain fp32
+loss curve of a deterministic tiny run; a NaN stops the run and keeps the last good checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+import nnlab
+from nnlab.errors import NnlabError
+from nnlab.tasks import Task
+from nnlab.train.checkpoint import load_tensors
+
+
+def gpt_args(text_file, *extra):
+    return ["model.name=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+            "data.name=text", f"data.path={text_file}", "train.max_steps=8", "train.batch_size=8",
+            "train.eval_iters=2", "train.log_every=1", "train.precision=fp32", "train.optimizer=adamw",
+            "train.lr=0.003", *extra]
+
+
+def losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["event"] == "train"]
+
+
+def train(tmp_path, name, args):
+    return nnlab.train("gpt-shakespeare", args, out=str(tmp_path / name))
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path, text_file, one_thread):
+    """k micro-batches of b give the same losses (and so the same gradients) as one batch of k*b."""
+    one = train(tmp_path, "one", gpt_args(text_file, "train.grad_accum=1"))
+    acc = train(tmp_path, "acc", gpt_args(text_file, "train.grad_accum=4"))
+    assert losses(one) == pytest.approx(losses(acc), rel=1e-5, abs=1e-6)
+    w1, _ = load_tensors(one / "model.safetensors")
+    w4, _ = load_tensors(acc / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w4[k], w1[k], atol=1e-5, rtol=1e-4)
+    # and a different batch really changes the curve (the comparison above can fail)
+    other = train(tmp_path, "other", gpt_args(text_file, "train.seed=7"))
+    assert losses(other) != pytest.approx(losses(one), rel=1e-3)
+
+
+def test_bf16_autocast_matches_fp32_curve(tmp_path, text_file, one_thread):
+    fp32 = losses(train(tmp_path, "fp32", gpt_args(text_file)))
+    bf16 = losses(train(tmp_path, "bf16", gpt_args(text_file, "train.precision=bf16")))
+    # bf16 keeps 8 bits of mantissa: per-step losses agree to about 1%, and both curves fall.
+    assert bf16 == pytest.approx(fp32, rel=3e-2)
+    assert bf16[-1] < bf16[0] and fp32[-1] < fp32[0]
+
+
+def test_compiled_matches_eager(tmp_path, text_file, one_thread):
+    eager = losses(train(tmp_path, "eager", gpt_args(text_file, "train.max_steps=4")))
+    compiled = losses(train(tmp_path, "compiled", gpt_args(text_file, "train.max_steps=4", "train.compile=true")))
+    # Inductor fuses and reorders float ops: equal to ~1e-5 relative, not bit for bit.
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_activation_checkpointing_gives_the_same_curve(tmp_path, text_file, one_thread):
+    plain = losses(train(tmp_path, "plain", gpt_args(text_file, "train.max_steps=4")))
+    ckpt = losses(train(tmp_path, "ckpt", gpt_args(text_file, "train.max_steps=4", "model.activation_checkpointing=true")))
+    assert ckpt == pytest.approx(plain, rel=1e-5)
+
+
+def _nan_at(step_to_poison: int, monkeypatch):
+    """Make the loss NaN on exactly one training step (counted in calls of Task.loss)."""
+    real, calls = Task.loss, {"n": 0}
+
+    def loss(self, out, y):
+        value = real(self, out, y)
+        calls["n"] += 1
+        return value * float("nan") if calls["n"] == step_to_poison + 1 else value
+
+    monkeypatch.setattr(Task, "loss", loss)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, text_file, monkeypatch, one_thread):
+    _nan_at(5, monkeypatch)
+    with pytest.raises(NnlabError, match="at step 5; stopped; last good checkpoint kept") as e:
+        train(tmp_path, "nan", gpt_args(text_file, "train.checkpoint_every=2"))
+    assert "\n" not in str(e.value)
+    tensors, meta = load_tensors(tmp_path / "nan" / "checkpoints" / "last.safetensors")
+    assert meta["step"] == 4 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    assert not (tmp_path / "nan" / "model.safetensors").exists()  # no half-trained model is published
+
+
+def test_max_bad_steps_skips_a_bad_batch(tmp_path, text_file, monkeypatch, one_thread):
+    _nan_at(3, monkeypatch)
+    run = train(tmp_path, "skip", gpt_args(text_file, "train.max_bad_steps=1"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["bad_steps"] == 1 and summary["steps"] == 8
+    w, _ = load_tensors(run / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in w.values())
