@@ -45,9 +45,16 @@ def init() -> Env:
     return Env(rank=rank, world_size=world, local_rank=local, device=device)
 
 
-def shutdown() -> None:
+def shutdown(ok: bool = True) -> None:
     if dist.is_initialized():
-        dist.destroy_process_group()
+        # After a clean run, wait for rank 0 to finish writing: tearing down gloo while a peer is
+        # still in its last collective aborted a rank ("terminate called without an active
+        # exception") in CI. After an error, don't wait: the peers may never arrive.
+        try:
+            if ok:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_mean(x: torch.Tensor, env: Env) -> torch.Tensor:

@@ -44,9 +44,12 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     """Train a recipe (or resume a run) and return its run folder."""
     env = distributed.init()
     try:
-        return _train(recipe, overrides, config_file, out, resume, env)
-    finally:
-        distributed.shutdown()
+        run_dir = _train(recipe, overrides, config_file, out, resume, env)
+    except BaseException:
+        distributed.shutdown(ok=False)
+        raise
+    distributed.shutdown()
+    return run_dir
 
 
 def _train(recipe, overrides, config_file, out, resume, env) -> Path:
