@@ -17,5 +17,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
+# nnlab vs its baselines, side by side on this machine (~5-10 min on 2 cores); bench-quick is a smoke run.
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run.py --json benchmarks/results.json
+
+.PHONY: bench-quick
+bench-quick: $(VENV)/.installed
+	$(PY) benchmarks/run.py --quick
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -38,9 +38,10 @@ def single(tmp_path_factory, text_file):
     return run(tmp_path_factory.mktemp("single"), text_file, "single", 1)[0]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, text_file, single, strategy):
-    out, p = run(tmp_path, text_file, strategy, 2, f"train.strategy={strategy}")
+@pytest.mark.parametrize("strategy, accum", [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)])
+def test_two_processes_match_one(tmp_path, text_file, single, strategy, accum):
+    # 2 ranks x `accum` micro-batches of the same global batch of 8.
+    out, p = run(tmp_path, text_file, strategy, 2, f"train.strategy={strategy}", f"train.grad_accum={accum}")
     # Gradients are averaged over ranks in a different order than one process sums them:
     # equal to float32 rounding, not bit for bit.
     assert losses(out) == pytest.approx(losses(single), rel=1e-4)
@@ -61,3 +62,25 @@ def test_global_batch_must_divide_over_ranks(tmp_path, text_file):
                         "nnlab", "train", "gpt-shakespeare", *sets, "--out", str(out)], capture_output=True, text=True,
                        timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode != 0 and "train.batch_size: 7 is not divisible by world size 2" in p.stderr
+
+
+def _resume(run_dir, nproc, tmp_path):
+    launch = [sys.executable, "-m", "nnlab"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "nnlab"]
+    p = subprocess.run([*launch, "train", "--resume", str(run_dir)], capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("resume_nproc", [2, 1])
+def test_fsdp_checkpoint_resumes_at_any_world_size(tmp_path, text_file, resume_nproc):
+    """An FSDP run's checkpoint holds the full state: resumed by 2 ranks or by 1, it continues the
+    loss curve of an uninterrupted single-process run."""
+    const = ("train.schedule=constant", "train.warmup_steps=0")  # lr independent of max_steps
+    full, _ = run(tmp_path, text_file, "full", 1, *const, "train.max_steps=9")
+    part, _ = run(tmp_path, text_file, "part", 2, *const, "train.strategy=fsdp", "train.max_steps=6")
+    cfg = part / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("max_steps: 6", "max_steps: 9"))  # extend the run
+    _resume(part, resume_nproc, tmp_path)
+    assert losses(part) == pytest.approx(losses(full), rel=1e-4)
+    assert json.loads((part / "summary.json").read_text())["steps"] == 9

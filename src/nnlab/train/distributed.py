@@ -10,6 +10,7 @@ root) -> torch.compile -> DDP wrapper. The model files never see any of it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -64,6 +65,25 @@ def all_mean(x: torch.Tensor, env: Env) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= env.world_size
     return x
+
+
+@contextlib.contextmanager
+def grad_sync(fmodel: nn.Module, sync: bool):
+    """Inside: backward reduces gradients over ranks only if `sync` (skip it for all but the last
+    micro-batch of a gradient-accumulation step; the last one reduces the accumulated sum)."""
+    if sync or not dist.is_initialized():
+        yield
+    elif hasattr(fmodel, "no_sync"):  # DDP
+        with fmodel.no_sync():
+            yield
+    elif hasattr(fmodel, "set_requires_gradient_sync"):  # FSDP2
+        fmodel.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            fmodel.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env) -> nn.Module:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +95,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     optimizer = make_optimizer(model, t)
     step, bad_steps, train_seconds = 0, 0, 0.0
     if resume:
-        step, bad_steps, train_seconds = _load_checkpoint(run_dir / CKPT, model, optimizer)
+        step, bad_steps, train_seconds = _load_checkpoint(run_dir / CKPT, model, optimizer, env)
     # Under FSDP every rank holds a shard, so every rank must take part in evaluation and saving.
     all_ranks = env.world_size > 1 and t.strategy == "fsdp"
 
@@ -125,11 +124,11 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             if t.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            # DDP all-reduces gradients on every backward; skip that for all but the last micro-batch.
-            sync = k == t.grad_accum - 1 or env.world_size == 1
-            with (nullcontext() if sync else fmodel.no_sync()), autocast(precision, env.device):
-                loss = task.loss(fmodel(x), y) / t.grad_accum
-            loss.backward()
+            # Gradients are reduced over ranks only on the last micro-batch's backward.
+            with distributed.grad_sync(fmodel, k == t.grad_accum - 1):
+                with autocast(precision, env.device):
+                    loss = task.loss(fmodel(x), y) / t.grad_accum
+                loss.backward()
             loss_sum += loss.detach()
         # The one device-to-host sync per step: the loss for the log, and the NaN/Inf check.
         loss_val = distributed.all_mean(loss_sum, env).item()
@@ -219,11 +218,21 @@ def _save_checkpoint(path: Path, model, optimizer, cfg: Config, step: int, bad_s
     save_tensors(path, tensors, meta)
 
 
-def _load_checkpoint(path: Path, model, optimizer) -> tuple[int, int, float]:
+def _load_checkpoint(path: Path, model, optimizer, env: distributed.Env) -> tuple[int, int, float]:
     tensors, meta = load_tensors(path)
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, options=opts)
-    set_optimizer_state_dict(model, optimizer, state_from_flat(tensors, meta["optimizer"]), options=opts)
+    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    optim_sd = state_from_flat(tensors, meta["optimizer"])
+    if env.world_size > 1:
+        # Rank 0 scatters the full state into the shards (FSDP) or broadcasts it (DDP); the other
+        # ranks pass empty dicts. (Letting every rank shard its own full copy made gloo's
+        # collectives disagree in size and abort a rank.)
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        if not env.is_main:
+            model_sd, optim_sd = {}, {"state": {}, "param_groups": []}
+    else:
+        opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])

@@ -1,0 +1,95 @@
+"""B1: seed-cnn training throughput, nnlab's loop vs the article's plain loop, side by side.
+
+Both sides train the same CNN (421,642 parameters) on the same normalised Fashion-MNIST tensors
+with batch 64 and SGD lr 0.01. The baseline is benchmarks/plain_cnn.py's loop, written the way
+the article writes it: a DataLoader over a TensorDataset, fp32. nnlab runs its `seed-cnn` recipe
+through nnlab.train in this process, first as shipped (fp32), then with the switches that keep
+model, batch and optimizer: channels_last, and channels_last + precision=auto (bf16 autocast only
+where the hardware has it natively).
+
+Steady state = the steps after the first `warm` (timed separately, as warm-up). Repeats run the
+variants in turn (plain, nnlab, ..., plain, nnlab, ...) so drift hits every side alike.
+MFU counts the conv/fc multiply-adds: 2 FLOPs each, x3 for forward + backward.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common import Ctx, attempt, auto_note, conv_fc_macs, time_nnlab, timed, training_table
+from plain_cnn import Net
+
+NNLAB = [
+    ("nnlab seed-cnn (recipe as shipped)", {}),
+    ("nnlab + channels_last", {"train.channels_last": True}),
+    ("nnlab + channels_last + precision=auto", {"train.channels_last": True, "train.precision": "auto"}),
+]
+
+
+def plain(ctx: Ctx, warm: int, steady: int, limit: int | None) -> dict:
+    """The article's loop, timed at step boundaries; nothing in it is changed for the benchmark."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nnlab.data import load_images
+
+    t0 = time.perf_counter()
+    d = load_images("fashion-mnist", limit=limit)
+    loader = DataLoader(TensorDataset(d.normalize(d.x_train), d.y_train), batch_size=64, shuffle=True)
+    model = Net().to(ctx.device)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    setup_s = time.perf_counter() - t0
+
+    def epochs():  # a fresh shuffle every pass, as `for epoch ...: for inputs, labels in loader` does
+        while True:
+            yield from loader
+
+    batches = epochs()
+
+    def step():
+        inputs, labels = next(batches)
+        inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
+        optimizer.zero_grad()
+        loss = criterion(model(inputs), labels)
+        loss.backward()
+        optimizer.step()
+
+    warm_s = timed(step, warm, ctx.device)
+    steady_s = timed(step, steady, ctx.device)
+    return {"rate": steady * 64 / steady_s, "warmup_s": warm_s, "setup_s": setup_s, "precision": "fp32"}
+
+
+def run(ctx: Ctx) -> dict:
+    warm, steady = ctx.steps(3, 10), ctx.steps(10, 150)
+    limit = 2048 if ctx.quick else None  # quick: read fewer images; full: the whole training set
+    flops = 3 * 2 * conv_fc_macs(Net(), torch.zeros(1, 1, 28, 28))  # per training sample
+    names = ["plain loop (article: DataLoader, fp32)"] + [n for n, _ in NNLAB]
+    raw, errors = {n: [] for n in names}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(ctx.repeats):
+            raw[names[0]].append(plain(ctx, warm, steady, limit))
+            for i, (name, ov) in enumerate(NNLAB):
+                ov = {**ov, **({"data.limit": limit} if limit else {})}
+                out = Path(tmp) / f"{i}-{r}"
+                x = attempt(lambda: time_nnlab("seed-cnn", ov, warm, steady, out), errors, name)
+                if x is None:  # failed (now or in an earlier repeat): shown as failed, not half-measured
+                    raw[name].clear()
+                else:
+                    raw[name].append(x)
+    results, rows, crosscheck = training_table(ctx, raw, errors, flops, "samples")
+    return {
+        "title": f"B1 seed-cnn training throughput: batch 64, SGD lr 0.01, {warm} warm-up + {steady} timed steps",
+        "notes": [f"model FLOPs per training sample: {flops / 1e6:.1f} M (3 x 2 x conv/fc multiply-adds)",
+                  "ratio = samples/s over the plain loop's in the same repeat; warm-up = first "
+                  f"{warm} steps; setup = data loading and model building before the first step",
+                  auto_note(results[names[-1]]), crosscheck],
+        "columns": ["variant", "precision", "samples/s", "ratio", "MFU", "warm-up s", "setup s"],
+        "rows": rows,
+        "config": {"warm_steps": warm, "steady_steps": steady, "data_limit": limit, "flops_per_sample": flops},
+        "results": results,
+    }

@@ -1,0 +1,82 @@
+"""nnlab's benchmark suite: each benchmark measures nnlab and its baseline in this one run.
+
+    python benchmarks/run.py [--quick] [--only B1,B3,...] [--repeats N] [--json results.json]
+
+    B1  seed-cnn training throughput: nnlab.train vs the article's plain loop (+ fast switches)
+    B2  time to 92% Fashion-MNIST accuracy: the fmnist-speedrun recipe (5 seeds) vs a careful plain loop
+    B3  gpt-shakespeare training tokens/s: nnlab.train (fp32, auto, compile) vs a plain nanoGPT loop
+    B4  sampling: KV cache vs recomputing the context, 500 new tokens, greedy identity check
+    B5  inference: batch-1 latency and batch-256 throughput, eager vs torch.compile vs bf16
+
+The header names the processor, its bf16 support, torch, threads, and the matmul peak measured
+here, against which every MFU is computed. --quick is a smoke test (tiny step counts, one repeat,
+one thread): its figures say that the code runs, not how fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+
+import common
+
+BENCHMARKS = {"B1": "b1_cnn", "B2": "b2_speedrun", "B3": "b3_gpt", "B4": "b4_generate", "B5": "b5_infer"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke test: seconds per benchmark, not real figures")
+    p.add_argument("--only", help="comma-separated benchmarks, e.g. B1,B4 (default: all)")
+    p.add_argument("--repeats", type=int, help="runs per measurement (default 3; --quick: 1)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's; --quick: 1, because on a "
+                   "shared CPU a second thread waiting for a busy core slows small ops many times over)")
+    p.add_argument("--json", help="write all results, machine and command line to this file")
+    a = p.parse_args(argv)
+    only = [s.strip().upper() for s in a.only.split(",")] if a.only else list(BENCHMARKS)
+    unknown = [s for s in only if s not in BENCHMARKS]
+    if unknown:
+        p.error(f"--only: unknown benchmark {unknown[0]}; choose from {', '.join(BENCHMARKS)}")
+    repeats = a.repeats or (1 if a.quick else 3)
+    if repeats < 1:
+        p.error("--repeats: must be at least 1")
+    threads = a.threads or (1 if a.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message=".*TensorFloat32.*")
+
+    device = common.pick_device()
+    machine = common.machine(device, a.quick)
+    common.print_header(machine, a.quick, repeats)
+    ctx = common.Ctx(quick=a.quick, repeats=repeats, device=device, machine=machine)
+    results = {}
+    for key in only:
+        print(flush=True)
+        t0 = time.perf_counter()
+        try:
+            res = importlib.import_module(BENCHMARKS[key]).run(ctx)
+            res["wall_s"] = round(time.perf_counter() - t0, 1)
+            print(f"== {res['title']}")
+            common.print_table(res["columns"], res["rows"])
+            for note in res["notes"]:
+                print(f"   {note}")
+            print(f"   ({key} took {res['wall_s']:.0f} s in all)", flush=True)
+        except Exception as e:  # report it and go on: the other benchmarks still have something to say
+            traceback.print_exc()
+            res = {"error": f"{type(e).__name__}: {e}"}
+            print(f"== {key} FAILED: {res['error']}", flush=True)
+        results[key] = res
+        if a.json:  # after every benchmark, so a run cut short still leaves what it finished
+            common.write_json(a.json, machine, a.quick, repeats, results)
+    failed = [k for k, r in results.items() if "error" in r]
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+if __name__ == "__main__":
+    sys.exit(main())
