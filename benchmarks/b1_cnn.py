@@ -68,12 +68,17 @@ def run(ctx: Ctx) -> dict:
     warm, steady = ctx.steps(3, 10), ctx.steps(10, 150)
     limit = 2048 if ctx.quick else None  # quick: read fewer images; full: the whole training set
     flops = 3 * 2 * conv_fc_macs(Net(), torch.zeros(1, 1, 28, 28))  # per training sample
-    names = ["plain loop (article: DataLoader, fp32)"] + [n for n, _ in NNLAB]
+    variants = list(NNLAB)
+    if not ctx.quick:  # a cold compile costs tens of seconds; warm-up reports it apart
+        variants += [("nnlab + compile", {"train.compile": True}),
+                     ("nnlab + compile + channels_last + precision=auto",
+                      {"train.compile": True, "train.channels_last": True, "train.precision": "auto"})]
+    names = ["plain loop (article: DataLoader, fp32)"] + [n for n, _ in variants]
     raw, errors = {n: [] for n in names}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(ctx.repeats):
             raw[names[0]].append(plain(ctx, warm, steady, limit))
-            for i, (name, ov) in enumerate(NNLAB):
+            for i, (name, ov) in enumerate(variants):
                 ov = {**ov, **({"data.limit": limit} if limit else {})}
                 out = Path(tmp) / f"{i}-{r}"
                 x = attempt(lambda: time_nnlab("seed-cnn", ov, warm, steady, out), errors, name)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import Ctx, fmt, print_table, quiet, summarize
+from common import Ctx, fmt, quiet, summarize
 from plain_cnn import Net
 
 TARGET = 0.92
@@ -93,13 +93,20 @@ def run(ctx: Ctx) -> dict:
     }
     if base_t:
         res["time_ratio"] = res["nnlab_seconds"]["median"] / res["baseline_seconds_to_92"]["median"]
-    print_table(["side", "wall s (median [min-max])", "test accuracy"], [
-        ["plain baseline, time to first >= 92%", fmt(res["baseline_seconds_to_92"], ",.1f"),
-         " ".join(f"{a:.4f}" for b in base for a in b["accuracies"][-1:])],
-        [f"nnlab fmnist-speedrun x{len(seeds)} seeds", fmt(res["nnlab_seconds"], ",.1f"),
-         f"mean {mean_acc:.4f} (min {min(r['test_accuracy'] for r in runs):.4f})"],
-    ])
+    rows = [
+        ["plain baseline: time to first >= 92%", fmt(res["baseline_seconds_to_92"], ",.1f"),
+         " ".join(f"{b['accuracies'][-1]:.4f}" for b in base)],
+        [f"nnlab fmnist-speedrun, {len(seeds)} seeds", fmt(res["nnlab_seconds"], ",.1f"),
+         f"mean {mean_acc:.4f}, min {min(r['test_accuracy'] for r in runs):.4f}"],
+    ]
+    notes = ["wall time includes data loading; the baseline's includes its per-epoch evaluations up to the "
+             "first >= 92%, nnlab's its one final evaluation and writing the run folder"]
     if "time_ratio" in res:
-        print(f"time ratio nnlab / baseline: {res['time_ratio']:.2f}x (target <= 0.5x); "
-              f"mean accuracy {'meets' if res['target_met_accuracy'] else 'misses'} 92.0%")
+        notes.append(f"time ratio nnlab / baseline: {res['time_ratio']:.2f}x (target <= 0.5x); mean accuracy "
+                     f"{'meets' if res['target_met_accuracy'] else 'misses'} 92.0%")
+    else:
+        notes.append("the baseline never reached 92% in this run (quick mode trains 1 epoch on 2,048 images)")
+    res.update(title=f"B2 time to 92% Fashion-MNIST test accuracy ({'bf16' if ctx.bf16 else 'fp32'} where "
+                     f"the baseline runs natively)", columns=["side", "wall s", "test accuracy"], rows=rows,
+               notes=notes)
     return res

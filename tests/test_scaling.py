@@ -2,6 +2,7 @@
 loss curve of a deterministic tiny run; a NaN stops the run and keeps the last good checkpoint."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -51,8 +52,16 @@ def test_bf16_autocast_matches_fp32_curve(tmp_path, text_file, one_thread):
 
 
 def test_compiled_matches_eager(tmp_path, text_file, one_thread):
+    import torch._dynamo as dynamo
+
     eager = losses(train(tmp_path, "eager", gpt_args(text_file, "train.max_steps=4")))
-    compiled = losses(train(tmp_path, "compiled", gpt_args(text_file, "train.max_steps=4", "train.compile=true")))
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = losses(train(tmp_path, "compiled", gpt_args(text_file, "train.max_steps=4", "train.compile=true")))
+    assert not [w for w in caught if "running eager" in str(w.message)]
+    assert dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it really compiled
     # Inductor fuses and reorders float ops: equal to ~1e-5 relative, not bit for bit.
     assert compiled == pytest.approx(eager, rel=1e-4)
 

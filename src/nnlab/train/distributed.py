@@ -103,7 +103,12 @@ def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env) -> nn.
     if compile:
         try:
             model = torch.compile(model)
-        except Exception as e:  # e.g. no C compiler, or an unsupported platform
+            # Compilation happens lazily, at the first forward: a graph that fails to compile
+            # there (no C compiler, an unsupported op) then runs eager instead of ending the run.
+            import torch._dynamo as dynamo  # (`import torch._dynamo` would make `torch` a local name here)
+
+            dynamo.config.suppress_errors = True
+        except Exception as e:  # e.g. an unsupported platform or Python version
             warnings.warn(f"train.compile: torch.compile unavailable ({e.__class__.__name__}); running eager")
     if env.world_size > 1 and strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
