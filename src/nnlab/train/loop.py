@@ -92,7 +92,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
         runfolder.write_config(run_dir, cfg)
     # Sharding (FSDP) changes the parameters, so it comes before the optimizer is built.
     fmodel = distributed.parallelize(model, t.compile, t.strategy, env)
-    optimizer = make_optimizer(model, t)
+    optimizer = make_optimizer(model, t, fused=env.world_size == 1)
     step, bad_steps, train_seconds = 0, 0, 0.0
     if resume:
         step, bad_steps, train_seconds = _load_checkpoint(run_dir / CKPT, model, optimizer, env)

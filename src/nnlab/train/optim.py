@@ -10,7 +10,11 @@ from torch import nn
 from nnlab.config import TrainConfig
 
 
-def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, t: TrainConfig, fused: bool = True) -> torch.optim.Optimizer:
+    """`fused`: AdamW as one fused kernel over all parameters. On CPU torch otherwise loops over the
+    parameters one by one (its foreach default is CUDA-only): for the baby GPT a step took 3.9 ms
+    that way and 0.9 ms fused, about 8% of a training step. The loop passes fused=False under
+    torchrun, where FSDP's sharded parameters take the reference path."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -18,4 +22,4 @@ def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         # momentum=0 is exactly theta <- theta - lr * grad (tests/test_ops.py checks it by hand).
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)
