@@ -29,7 +29,7 @@ from nnlab.train.checkpoint import load_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RECIPES = {"seed-cnn", "seed-cnn-fast", "cnn", "vit", "fmnist-speedrun", "mlp-regression", "gpt-shakespeare"}
+RECIPES = {"seed-cnn", "seed-cnn-fast", "cnn", "vit", "fmnist-speedrun", "mlp-regression", "gpt-shakespeare", "gpt-shakespeare-fast"}
 SEED_CNN_PARAMS = 421_642
 CNN_STEPS = 25  # 320 images / batch 32 = 10 steps per epoch: the run crosses two epoch boundaries
 
