@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import Ctx, attempt, auto_note, conv_fc_macs, time_nnlab, timed, training_table
+from common import Ctx, attempt, keep, auto_note, conv_fc_macs, time_nnlab, timed, training_table
 from plain_cnn import Net
 
 NNLAB = [
@@ -81,11 +81,7 @@ def run(ctx: Ctx) -> dict:
             for i, (name, ov) in enumerate(variants):
                 ov = {**ov, **({"data.limit": limit} if limit else {})}
                 out = Path(tmp) / f"{i}-{r}"
-                x = attempt(lambda: time_nnlab("seed-cnn", ov, warm, steady, out), errors, name)
-                if x is None:  # failed (now or in an earlier repeat): shown as failed, not half-measured
-                    raw[name].clear()
-                else:
-                    raw[name].append(x)
+                keep(raw, name, attempt(lambda: time_nnlab("seed-cnn", ov, warm, steady, out), errors, name))
     results, rows, crosscheck = training_table(ctx, raw, errors, flops, "samples")
     return {
         "title": f"B1 seed-cnn training throughput: batch 64, SGD lr 0.01, {warm} warm-up + {steady} timed steps",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, Ctx, attempt, auto_note, gpt_train_flops_per_token, time_nnlab, timed, training_table
+from common import ROOT, Ctx, attempt, auto_note, keep, gpt_train_flops_per_token, time_nnlab, timed, training_table
 from nnlab.config import load_config
 from nnlab.models.gpt import GPT, GPTConfig
 
@@ -87,11 +87,7 @@ def run(ctx: Ctx) -> dict:
             raw[names[0]].append(plain(ctx, warm, steady))
             for i, (name, ov) in enumerate(nnlab_variants):
                 ov, out = {**common_ov, **ov}, Path(tmp) / f"{i}-{r}"
-                x = attempt(lambda: time_nnlab("gpt-shakespeare", ov, warm, steady, out), errors, name)
-                if x is None:  # failed (now or in an earlier repeat): shown as failed, not half-measured
-                    raw[name].clear()
-                else:
-                    raw[name].append(x)
+                keep(raw, name, attempt(lambda: time_nnlab("gpt-shakespeare", ov, warm, steady, out), errors, name))
     results, rows, crosscheck = training_table(ctx, raw, errors, flops, "tokens")
     notes = [f"model FLOPs per token: {flops / 1e6:.2f} M (nanoGPT: 6N + 12*L*C*T, N without the position table)",
              f"ratio = tokens/s over the plain loop's in the same repeat; warm-up = first {warm} steps "

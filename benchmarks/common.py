@@ -145,6 +145,14 @@ def write_json(path: str, m: dict, quick: bool, repeats: int, results: dict) -> 
     Path(path).write_text(json.dumps(doc, indent=2))
 
 
+def keep(raw: dict, name: str, x: dict | None) -> None:
+    """Store one repeat's result; a variant that failed (now or earlier) is shown as failed, not half-measured."""
+    if x is None:
+        raw[name].clear()
+    else:
+        raw[name].append(x)
+
+
 def attempt(fn, errors: dict, name: str):
     """fn(), or None with the failure kept in errors[name]: one broken variant does not end the suite."""
     if name in errors:

@@ -43,6 +43,15 @@ class Task:
         t = self.cfg.train
         return t.max_steps if t.max_steps else t.epochs * self.steps_per_epoch()
 
+    def _rows(self, step: int, lo: int, hi: int) -> Tensor:
+        """Indices of rows lo:hi of the global batch at `step`: a fresh permutation each epoch
+        (drawn once per epoch from (seed, epoch)), cut into batches, the last partial one dropped."""
+        spe, bs = self.steps_per_epoch(), self.cfg.train.batch_size
+        epoch, i = divmod(step, spe)
+        if epoch != getattr(self, "_perm_epoch", None):
+            self._perm_epoch, self._perm = epoch, torch.randperm(self.num_train(), generator=self._gen(epoch))
+        return self._perm[i * bs + lo : i * bs + hi]
+
     def _gen(self, *salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(hash((self.cfg.train.seed, *salt)) & 0x7FFF_FFFF_FFFF_FFFF)
 
@@ -59,7 +68,6 @@ class ImageTask(Task):
         # Normalise once, up front: batches are then just index gathers from memory.
         self.x_train = self.data.normalize(self.data.x_train)
         self.x_test = self.data.normalize(self.data.x_test)
-        self._perm_epoch, self._perm = -1, None
 
     def num_train(self) -> int:
         return len(self.x_train)
@@ -69,12 +77,8 @@ class ImageTask(Task):
         return {"in_channels": c, "image_size": h, "num_classes": len(self.data.classes)}
 
     def batch(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-        """Rows lo:hi of the global batch at `step` (a fresh permutation each epoch, drop-last)."""
-        spe, bs = self.steps_per_epoch(), self.cfg.train.batch_size
-        epoch, i = divmod(step, spe)
-        if epoch != self._perm_epoch:
-            self._perm_epoch, self._perm = epoch, torch.randperm(self.num_train(), generator=self._gen(epoch))
-        idx = self._perm[i * bs + lo : i * bs + hi]
+        """Rows lo:hi of the global batch at `step`."""
+        idx = self._rows(step, lo, hi)
         return self.x_train[idx], self.data.y_train[idx]
 
     @torch.no_grad()
@@ -167,10 +171,7 @@ class TabularTask(Task):
         return {"in_features": self.x_train.shape[1], "out_features": 1}
 
     def batch(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-        spe, bs = self.steps_per_epoch(), self.cfg.train.batch_size
-        epoch, i = divmod(step, spe)
-        perm = torch.randperm(self.num_train(), generator=self._gen(epoch))
-        idx = perm[i * bs + lo : i * bs + hi]
+        idx = self._rows(step, lo, hi)
         return self.x_train[idx], self.y_train[idx]
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ distribution are applied by helpers, never by a second copy of this loop.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -184,7 +185,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
         summary = {"recipe": cfg.recipe, "model": cfg.model["name"], "steps": step, "train_seconds": round(train_seconds, 2),
                    "params": n_params, **metrics, "precision": precision, "precision_reason": precision_why,
                    "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed, **runfolder.provenance()}
-        atomic_write_text(run_dir / "summary.json", __import__("json").dumps(summary, indent=2))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         log.say("done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; run folder {run_dir}")
     return run_dir
 
