@@ -227,35 +227,21 @@ def test_save_tensors_round_trip_with_meta(tmp_path):
     assert got.keys() == t.keys() and all(torch.equal(got[k], t[k]) for k in t)
 
 
-def test_failed_rename_leaves_the_previous_file_whole(tmp_path, monkeypatch):
-    p = tmp_path / "last.safetensors"
-    old = {"w": torch.arange(6.0)}
-    save_tensors(p, old, {"step": 1})
-
-    def crash(src, dst):
-        raise OSError("simulated crash before the rename")
-
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
-    with pytest.raises(OSError):
-        save_tensors(p, {"w": torch.full((1000,), 9.0)}, {"step": 2})
-    monkeypatch.undo()
-    got, meta = load_tensors(p)
-    assert meta == {"step": 1} and torch.equal(got["w"], old["w"])
-
-
-def test_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+@pytest.mark.parametrize("call, why", [("replace", "simulated crash before the rename"), ("fsync", "disk full")])
+def test_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch, call, why):
     p = tmp_path / "last.safetensors"
     save_tensors(p, {"w": torch.arange(6.0)}, {"step": 1})
 
-    def crash(fd):
-        raise OSError("disk full")
+    def crash(*args):
+        raise OSError(why)
 
-    monkeypatch.setattr(checkpoint.os, "fsync", crash)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(checkpoint.os, call, crash)
+    with pytest.raises(OSError, match=why):
         save_tensors(p, {"w": torch.full((1000,), 9.0)}, {"step": 2})
     monkeypatch.undo()
     got, meta = load_tensors(p)
     assert meta == {"step": 1} and torch.equal(got["w"], torch.arange(6.0))
+    assert [f.name for f in tmp_path.iterdir()] == ["last.safetensors"]  # no temporary file left behind
 
 
 def test_process_killed_mid_save_leaves_the_previous_file_whole(tmp_path):
