@@ -7,6 +7,7 @@ through nnlab.train in this process, first as shipped (fp32), then with the swit
 model, batch and optimizer: channels_last, and channels_last + precision=auto (bf16 autocast only
 where the hardware has it natively).
 
+Every run is a fresh process (common.isolated), as a user's script would be.
 Steady state = the steps after the first `warm` (timed separately, as warm-up). Repeats run the
 variants in turn (plain, nnlab, ..., plain, nnlab, ...) so drift hits every side alike.
 MFU counts the conv/fc multiply-adds: 2 FLOPs each, x3 for forward + backward.
@@ -14,6 +15,7 @@ MFU counts the conv/fc multiply-adds: 2 FLOPs each, x3 for forward + backward.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import Ctx, attempt, keep, auto_note, conv_fc_macs, time_nnlab, timed, training_table
+from common import Ctx, attempt, auto_note, conv_fc_macs, isolated, keep, time_nnlab, timed, training_table
 from plain_cnn import Net
 
 NNLAB = [
@@ -31,7 +33,7 @@ NNLAB = [
 ]
 
 
-def plain(ctx: Ctx, warm: int, steady: int, limit: int | None) -> dict:
+def plain(device: str, warm: int, steady: int, limit: int | None) -> dict:
     """The article's loop, timed at step boundaries; nothing in it is changed for the benchmark."""
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -40,7 +42,8 @@ def plain(ctx: Ctx, warm: int, steady: int, limit: int | None) -> dict:
     t0 = time.perf_counter()
     d = load_images("fashion-mnist", limit=limit)
     loader = DataLoader(TensorDataset(d.normalize(d.x_train), d.y_train), batch_size=64, shuffle=True)
-    model = Net().to(ctx.device)
+    device = torch.device(device)
+    model = Net().to(device)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     setup_s = time.perf_counter() - t0
@@ -53,15 +56,31 @@ def plain(ctx: Ctx, warm: int, steady: int, limit: int | None) -> dict:
 
     def step():
         inputs, labels = next(batches)
-        inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
+        inputs, labels = inputs.to(device), labels.to(device)
         optimizer.zero_grad()
         loss = criterion(model(inputs), labels)
         loss.backward()
         optimizer.step()
 
-    warm_s = timed(step, warm, ctx.device)
-    steady_s = timed(step, steady, ctx.device)
+    warm_s = timed(step, warm, device)
+    steady_s = timed(step, steady, device)
     return {"rate": steady * 64 / steady_s, "warmup_s": warm_s, "setup_s": setup_s, "precision": "fp32"}
+
+
+def plain_accuracy(epochs: int, limit: int | None) -> dict:
+    import plain_cnn
+
+    return plain_cnn.main(["--epochs", str(epochs)] + (["--limit", str(limit)] if limit else []))
+
+
+def nnlab_accuracy(overrides: dict, out: str) -> dict:
+    import nnlab
+
+    from common import quiet
+
+    with quiet():
+        run_dir = nnlab.train("seed-cnn", overrides, out=out)
+    return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
 def run(ctx: Ctx) -> dict:
@@ -77,18 +96,31 @@ def run(ctx: Ctx) -> dict:
     raw, errors = {n: [] for n in names}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(ctx.repeats):
-            raw[names[0]].append(plain(ctx, warm, steady, limit))
+            raw[names[0]].append(isolated(ctx, plain, ctx.device.type, warm, steady, limit))
             for i, (name, ov) in enumerate(variants):
                 ov = {**ov, **({"data.limit": limit} if limit else {})}
-                out = Path(tmp) / f"{i}-{r}"
-                keep(raw, name, attempt(lambda: time_nnlab("seed-cnn", ov, warm, steady, out), errors, name))
+                out = str(Path(tmp) / f"{i}-{r}")
+                keep(raw, name, attempt(lambda: isolated(ctx, time_nnlab, "seed-cnn", ov, warm, steady, out),
+                                        errors, name))
+        # The fastest switches must not cost accuracy: 3 epochs of each, test accuracy side by side.
+        epochs = 1 if ctx.quick else 3
+        acc_ov = {**dict(NNLAB[-1][1]), "train.epochs": epochs, **({"data.limit": limit} if limit else {})}
+        acc = {"plain": isolated(ctx, plain_accuracy, epochs, limit),
+               "nnlab": isolated(ctx, nnlab_accuracy, acc_ov, str(Path(tmp) / "acc"))}
     results, rows, crosscheck = training_table(ctx, raw, errors, flops, "samples")
+    gap = acc["nnlab"]["test_accuracy"] - acc["plain"]["test_accuracy"]
+    results["accuracy_after_epochs"] = {"epochs": epochs, "plain": acc["plain"]["test_accuracy"],
+                                        "nnlab": acc["nnlab"]["test_accuracy"], "nnlab_variant": NNLAB[-1][0],
+                                        "nnlab_precision": acc["nnlab"]["precision"], "gap_points": 100 * gap}
     return {
         "title": f"B1 seed-cnn training throughput: batch 64, SGD lr 0.01, {warm} warm-up + {steady} timed steps",
         "notes": [f"model FLOPs per training sample: {flops / 1e6:.1f} M (3 x 2 x conv/fc multiply-adds)",
                   "ratio = samples/s over the plain loop's in the same repeat; warm-up = first "
                   f"{warm} steps; setup = data loading and model building before the first step",
-                  auto_note(results[names[-1]]), crosscheck],
+                  auto_note(results[NNLAB[-1][0]]), crosscheck,
+                  f"test accuracy after {epochs} epoch(s), one seed each: plain loop "
+                  f"{100 * acc['plain']['test_accuracy']:.2f}%, {NNLAB[-1][0]} ({acc['nnlab']['precision']}) "
+                  f"{100 * acc['nnlab']['test_accuracy']:.2f}% ({100 * gap:+.2f} points)"],
         "columns": ["variant", "precision", "samples/s", "ratio", "MFU", "warm-up s", "setup s"],
         "rows": rows,
         "config": {"warm_steps": warm, "steady_steps": steady, "data_limit": limit, "flops_per_sample": flops},

@@ -9,10 +9,13 @@ moment earlier for the precision in use, never a datasheet number.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -267,7 +270,32 @@ def quiet():
         raise
 
 
-def time_nnlab(recipe: str, overrides: dict, warm: int, steady: int, out: Path) -> dict:
+def isolated(ctx: Ctx, fn, *args) -> dict:
+    """fn(*args) in a fresh Python process; returns its dict. Each side of a comparison runs alone
+    in a new process, as a user's script would: nothing process-wide that one side sets (nnlab
+    tunes glibc malloc, compile caches, the thread pool) can speed up or slow down the other.
+    fn must live at the top level of a benchmarks/ module and take JSON-able arguments."""
+    job = json.dumps({"module": fn.__module__, "fn": fn.__name__, "args": args, "threads": ctx.machine["threads"]})
+    proc = subprocess.run([sys.executable, __file__, job], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT):])
+    lines = (proc.stderr or proc.stdout).strip().splitlines() or [f"exit code {proc.returncode}"]
+    raise RuntimeError(f"{fn.__name__} in a subprocess: {lines[-1]}")
+
+
+RESULT = "@@result "
+
+
+def _worker(job: str) -> None:
+    spec = json.loads(job)
+    torch.set_num_threads(spec["threads"])
+    out = getattr(importlib.import_module(spec["module"]), spec["fn"])(*spec["args"])
+    print(RESULT + json.dumps(out), flush=True)
+
+
+def time_nnlab(recipe: str, overrides: dict, warm: int, steady: int, out: str) -> dict:
     """Run nnlab.train(recipe) in-process for warm + steady optimizer steps.
 
     steady rate: items (samples or tokens) of the last `steady` steps / the time between the step
@@ -300,3 +328,7 @@ def time_nnlab(recipe: str, overrides: dict, warm: int, steady: int, out: Path) 
     return {"rate": steady * per_step / steady_s, "warmup_s": warm_s, "loop_rate": steady * per_step / loop_s,
             "setup_s": clock.stamps[warm - 1] - warm_s - t_call, "precision": summary["precision"],
             "precision_reason": summary["precision_reason"]}
+
+
+if __name__ == "__main__":  # the worker side of isolated()
+    _worker(sys.argv[1])

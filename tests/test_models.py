@@ -61,12 +61,23 @@ def test_contract(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_explicit_path_matches_fast_path(name):
+    """Same outputs and same gradients: a fast path may reorder work (seed-cnn pools before its
+    ReLU) but must compute the same function."""
     torch.manual_seed(0)
     model = build_model(name, **TINY[name]).eval()
     x = example_input(name)
-    fast = model(x)
-    slow = set_explicit(model, True)(x)
+
+    def run(explicit: bool):
+        model.zero_grad(set_to_none=True)
+        out = set_explicit(model, explicit)(x)
+        (out.float() ** 2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast, fast_grads = run(False)
+    slow, slow_grads = run(True)
     assert_close(slow, fast, atol=1e-4, rtol=1e-4)
+    for n in fast_grads:
+        assert_close(slow_grads[n], fast_grads[n], atol=1e-4, rtol=1e-4, msg=f"{name}: gradient of {n}")
 
 
 def test_seed_cnn_is_the_articles_architecture():

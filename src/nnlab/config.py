@@ -63,6 +63,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 only where the hardware runs it natively) | fp32 | bf16
     compile: bool = False  # torch.compile the model (eager with a warning where unsupported)
     channels_last: bool = False  # NHWC memory format for convolutional models
+    tune_allocator: bool = True  # CPU: keep freed memory for reuse (see nnlab/train/allocator.py)
     max_bad_steps: int = 0  # skip up to this many NaN/Inf losses instead of stopping
     strategy: str = "ddp"  # under torchrun: ddp (replicate) | fsdp (shard with FSDP2 fully_shard)
 

@@ -37,6 +37,7 @@ class SeedCNN(nn.Module):
     def __init__(self, cfg: SeedCNNConfig):
         super().__init__()
         self.cfg = cfg
+        self.explicit = cfg.explicit  # set_explicit() flips this with every layer's
         self.conv1 = Conv2d(cfg.in_channels, 32, 3, padding=1, explicit=cfg.explicit)
         self.conv2 = Conv2d(32, 64, 3, padding=1, explicit=cfg.explicit)
         self.pool = MaxPool2d(2, explicit=cfg.explicit)
@@ -44,8 +45,15 @@ class SeedCNN(nn.Module):
         self.fc2 = Dense(128, cfg.num_classes, explicit=cfg.explicit)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x = self.pool(torch.relu(self.conv1(x)))  # (B, 32, 14, 14)
-        x = self.pool(torch.relu(self.conv2(x)))  # (B, 64, 7, 7)
+        if self.explicit:  # the article's order: ReLU, then pool
+            x = self.pool(torch.relu(self.conv1(x)))  # (B, 32, 14, 14)
+            x = self.pool(torch.relu(self.conv2(x)))  # (B, 64, 7, 7)
+        else:
+            # Max-pooling commutes with ReLU (max(relu(a), relu(b)) = relu(max(a, b))), and the
+            # gradients agree too, so pool first and run ReLU and its backward on 4x fewer values.
+            # At 28x28 these memory-bound ops were a third of a bf16 training step.
+            x = torch.relu(self.pool(self.conv1(x)))
+            x = torch.relu(self.pool(self.conv2(x)))
         return torch.relu(self.fc1(x.flatten(1)))  # (B, 128)
 
     def forward_head(self, h: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from nnlab.errors import ConfigError, NnlabError
 from nnlab.models import build_model
 from nnlab.tasks import Task, lr_at, make_task
 from nnlab.train import distributed
+from nnlab.train.allocator import tune_allocator
 from nnlab.train.checkpoint import atomic_write_text, load_tensors, save_tensors, state_from_flat, state_to_flat
 from nnlab.train.log import RunLogger
 from nnlab.train.optim import make_optimizer
@@ -84,6 +85,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None
     precision, precision_why = resolve_precision(t.precision, env.device)
+    allocator = tune_allocator()[1] if t.tune_allocator and env.device.type == "cpu" else "default"
     model.to(env.device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -184,6 +186,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
         runfolder.save_model(run_dir, weights, cfg.model, task.kind, task.meta())
         summary = {"recipe": cfg.recipe, "model": cfg.model["name"], "steps": step, "train_seconds": round(train_seconds, 2),
                    "params": n_params, **metrics, "precision": precision, "precision_reason": precision_why,
+                   "allocator": allocator,
                    "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed, **runfolder.provenance()}
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         log.say("done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; run folder {run_dir}")
