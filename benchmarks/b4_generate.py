@@ -1,6 +1,7 @@
 """B4: sampling with the KV cache vs recomputing the whole context for every new token.
 
-nnlab.generate.generate(use_cache=True) prefills the prompt once and then feeds one token per step;
+nnlab.generate.generate(use_cache=True) prefills the prompt once and then feeds one token per step
+through GPT.decode_step (functional calls over a preallocated cache);
 use_cache=False reruns the model on the whole context each step (nanoGPT's sample.py). Both
 produce 500 new tokens from the same prompt under greedy decoding (temperature 0), and the tokens
 must be identical: the check is printed and stored. The model is a randomly initialised GPT

@@ -91,6 +91,27 @@ def test_forward_with_cache_matches_forward():
     assert len(past) == 2 and past[0][0].shape == (2, 2, 12, 8)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_step_matches_forward_position_by_position(bias):
+    """The one-token fast path computes forward()'s logits at every position, and fills the cache
+    with the K, V that forward_with_cache computes."""
+    m = tiny_gpt(n_layer=2, bias=bias)
+    idx = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        full = m(idx)
+        _, past = m.forward_with_cache(idx[:, :5])
+        cache = m.decode_cache_from(past, max_len=12)
+        steps = [m.decode_step(idx[:, t], cache) for t in range(5, 12)]
+        _, ref_past = m.forward_with_cache(idx)
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:], **F32)
+    assert cache.length == 12
+    for i, (k, v) in enumerate(ref_past):
+        torch.testing.assert_close(cache.k[i], k, **F32)
+        torch.testing.assert_close(cache.v[i], v, **F32)
+    with pytest.raises(ValueError, match="cache is full"):
+        m.decode_step(idx[:, 0], cache)
+
+
 @pytest.mark.parametrize("explicit", [False, True])
 def test_kv_cache_generation_equals_recompute_greedy(explicit):
     m = set_explicit(tiny_gpt(seed=1), explicit)

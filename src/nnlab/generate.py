@@ -9,7 +9,8 @@ Two ways to compute z, which give the same tokens (tests/test_gpt_vit.py checks 
   use_cache=False: rerun the model on the whole context, cropped to its last block_size tokens,
       for every new token (nanoGPT's sample.py): O(T^2) work per token.
   use_cache=True: one prefill pass over the prompt stores every layer's K and V; each later step
-      feeds only the newest token and attends to the cache: O(T) work per token.
+      feeds only the newest token and attends to the cache: O(T) work per token. A model with
+      a `decode_step` (GPT) then runs its one-token fast path over a preallocated cache.
 The cache stops being usable once the sequence outgrows block_size. The model's positions are
 learned embeddings of absolute indices 0..block_size-1; cropping the context shifts every kept
 token to a new position, and their cached K and V were computed with the old position embedding
@@ -63,22 +64,30 @@ def generate(
         raise ValueError(f"{type(model).__name__} has no forward_with_cache; call generate with use_cache=False")
     block_size = model.cfg.block_size
 
+    # The model's one-token fast path, unless it was asked for the article's explicit formulas.
+    fast = use_cache and hasattr(model, "decode_step") and not any(getattr(m, "explicit", False) for m in model.modules())
+
     was_training = model.training
     model.eval()  # dropout off: generation is inference
     try:
         with torch.inference_mode():
-            past = None  # the cache: K, V of every token of idx but the last, once prefilled
+            past = cache = None  # K, V of every token of idx but the last, once prefilled
             for _ in range(max_new_tokens):
                 T = idx.shape[1]
-                if use_cache and T <= block_size:
+                if cache is not None and T <= block_size:
+                    logits = model.decode_step(idx[:, -1], cache)  # (B, vocab)
+                elif use_cache and T <= block_size:
                     # Prefill with the whole prompt once, then feed only the newest token.
                     new = idx if past is None else idx[:, -1:]  # (B, T) or (B, 1)
                     logits, past = model.forward_with_cache(new, past)
+                    logits = logits[:, -1, :]
+                    if fast:  # from here on, one token at a time into a preallocated cache
+                        cache = model.decode_cache_from(past, min(block_size, T + max_new_tokens))
                 else:
                     # No cache, or the context outgrew block_size (see the module docstring).
-                    past = None
-                    logits = model(idx[:, -block_size:])  # (B, min(T, block_size), vocab)
-                nxt = _next_token(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+                    past = cache = None
+                    logits = model(idx[:, -block_size:])[:, -1, :]  # (B, vocab)
+                nxt = _next_token(logits, temperature, top_k, generator)  # (B, 1)
                 idx = torch.cat([idx, nxt], dim=1)  # (B, T + 1)
     finally:
         model.train(was_training)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -117,6 +118,60 @@ class GPT(nn.Module):
         """
         h, _, new_past = self._trunk(idx, past=past)
         return self.forward_head(h), new_past
+
+    def decode_cache_from(self, past: Past, max_len: int) -> "KVCache":
+        """A preallocated cache holding a prefill's K, V, with room up to max_len positions."""
+        return KVCache.from_past(self.cfg, past, max_len)
+
+    @torch.inference_mode()
+    def decode_step(self, token: Tensor, cache: "KVCache") -> Tensor:
+        """Logits (B, vocab) for one new token per row, appending its K and V to `cache` in place.
+
+        The same function as forward_with_cache(token[:, None], past)[0][:, -1], written for the
+        one-token case generation spends its time in: plain functional calls on this model's own
+        parameters (one Python call per op, not one nn.Module call per layer, which cost ~1 ms per
+        token for the baby GPT), K and V written into a preallocated cache (no torch.cat re-copying
+        the whole past each step), and no mask (one query at the newest position sees every key).
+        tests/test_gpt_vit.py checks it against forward() position by position.
+        """
+        B, C, H = token.shape[0], self.cfg.n_embd, self.cfg.n_head
+        t = cache.length
+        if t >= cache.k.shape[3]:
+            raise ValueError(f"decode_step: the cache is full ({t} positions)")
+        x = (self.tok_emb.weight[token] + self.pos_emb.weight[t]).unsqueeze(1)  # (B, 1, C)
+        for i, b in enumerate(self.blocks):
+            a = b.attn
+            qkv = F.linear(F.layer_norm(x, (C,), b.ln1.weight, b.ln1.bias), a.qkv.weight, a.qkv.bias)
+            q, k, v = qkv.view(B, 3, H, 1, C // H).unbind(1)  # each (B, H, 1, d_k)
+            cache.k[i, :, :, t : t + 1] = k
+            cache.v[i, :, :, t : t + 1] = v
+            o = F.scaled_dot_product_attention(q, cache.k[i, :, :, : t + 1], cache.v[i, :, :, : t + 1])
+            x = x + F.linear(o.reshape(B, 1, C), a.proj.weight, a.proj.bias)
+            h = F.layer_norm(x, (C,), b.ln2.weight, b.ln2.bias)
+            x = x + F.linear(F.gelu(F.linear(h, b.mlp.fc.weight, b.mlp.fc.bias)), b.mlp.proj.weight, b.mlp.proj.bias)
+        cache.length = t + 1
+        return F.linear(self.ln_f(x), self.lm_head.weight)[:, 0]  # (B, vocab)
+
+
+class KVCache:
+    """Preallocated K and V of every layer: k, v (n_layer, B, n_head, max_len, d_k), positions
+    0..length-1 filled. `from_past` takes the (K, V) list a forward_with_cache prefill returns."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @classmethod
+    def from_past(cls, cfg: GPTConfig, past: Past, max_len: int) -> "KVCache":
+        k0 = past[0][0]
+        cache = cls(cfg, k0.shape[0], max_len, k0.dtype, k0.device)
+        cache.length = k0.shape[2]
+        for i, (k, v) in enumerate(past):
+            cache.k[i, :, :, : cache.length] = k
+            cache.v[i, :, :, : cache.length] = v
+        return cache
 
 
 PRESETS = {
