@@ -8,12 +8,15 @@ nnlab.models.gpt.GPT as its module so that only the loop differs. nnlab runs its
 nnlab.train as shipped (fp32), with precision=auto, with train.compile=true, and with both (the
 compile variants in full mode only).
 
+Every run is a fresh process (common.isolated), as a user's script would be.
 Steady state = the steps after the first `warm`; the warm-up (compilation included) is reported
 apart. MFU uses nanoGPT's estimate_mfu: 6N + 12*L*C*T FLOPs per token.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, Ctx, attempt, auto_note, keep, gpt_train_flops_per_token, time_nnlab, timed, training_table
+from common import (ROOT, Ctx, attempt, auto_note, fmt, gpt_train_flops_per_token, isolated, keep, summarize,
+                    time_nnlab, timed, training_table)
 from nnlab.config import load_config
 from nnlab.models.gpt import GPT, GPTConfig
 
 BATCH, BLOCK = 12, 64
+TARGET = 1.88  # the validation loss B3's time-to-target races to
+BEST = "gpt-shakespeare-speedrun"
 
 
 def text_path() -> Path:
@@ -34,74 +40,172 @@ def text_path() -> Path:
     return p if p.is_absolute() else (ROOT / p).resolve()
 
 
-def plain(ctx: Ctx, warm: int, steady: int) -> dict:
-    t0 = time.perf_counter()
+def nanogpt_setup(device: torch.device):
+    """nanoGPT's data and model setup for the baby GPT: (get_batch(split), model, optimizer)."""
     text = text_path().read_text(encoding="utf-8")
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
     data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
-    train_data = data[: int(0.9 * len(data))]
+    n = int(0.9 * len(data))
+    splits = {"train": data[:n], "val": data[n:]}
 
-    def get_batch():
-        ix = torch.randint(len(train_data) - BLOCK, (BATCH,))
-        x = torch.stack([train_data[i : i + BLOCK] for i in ix])
-        y = torch.stack([train_data[i + 1 : i + 1 + BLOCK] for i in ix])
-        return x.to(ctx.device), y.to(ctx.device)
+    def get_batch(split: str):
+        d = splits[split]
+        ix = torch.randint(len(d) - BLOCK, (BATCH,))
+        x = torch.stack([d[i : i + BLOCK] for i in ix])
+        y = torch.stack([d[i + 1 : i + 1 + BLOCK] for i in ix])
+        return x.to(device), y.to(device)
 
     model = GPT(GPTConfig(vocab_size=len(chars), n_layer=4, n_head=4, n_embd=128, block_size=BLOCK, dropout=0.0))
-    model.to(ctx.device)
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
+    return get_batch, model, optimizer
+
+
+def nanogpt_step(get_batch, model, optimizer) -> None:
+    X, Y = get_batch("train")
+    logits = model(X)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), Y.view(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def plain(device: str, warm: int, steady: int) -> dict:
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    get_batch, model, optimizer = nanogpt_setup(device)
     setup_s = time.perf_counter() - t0
-
-    def step():
-        X, Y = get_batch()
-        logits = model(X)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), Y.view(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
-    warm_s = timed(step, warm, ctx.device)
-    steady_s = timed(step, steady, ctx.device)
+    step = lambda: nanogpt_step(get_batch, model, optimizer)
+    warm_s = timed(step, warm, device)
+    steady_s = timed(step, steady, device)
     return {"rate": steady * BATCH * BLOCK / steady_s, "warmup_s": warm_s, "setup_s": setup_s, "precision": "fp32"}
+
+
+def nanogpt_lr(it: int, lr=1e-3, min_lr=1e-4, warmup=100, decay_iters=2000) -> float:
+    """nanoGPT's get_lr for the baby GPT: linear warmup, cosine to min_lr at decay_iters, then min_lr."""
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it > decay_iters:
+        return min_lr
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * (it - warmup) / (decay_iters - warmup))) * (lr - min_lr)
+
+
+def plain_to_target(device: str, seed: int, eval_every: int, eval_iters: int, max_iters: int) -> dict:
+    """nanoGPT's baby-GPT run (schedule to 2,000 iterations, min_lr after, as nanoGPT does when
+    max_iters exceeds lr_decay_iters), evaluated every `eval_every` iterations with nanoGPT's
+    estimate_loss until val loss <= TARGET. Training seconds exclude the evaluations."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    get_batch, model, optimizer = nanogpt_setup(device)
+    seconds, curve = 0.0, []
+    for it in range(1, max_iters + 1):
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = nanogpt_lr(it - 1)
+        nanogpt_step(get_batch, model, optimizer)
+        seconds += time.perf_counter() - t0
+        if it % eval_every == 0:
+            model.eval()
+            with torch.no_grad():
+                losses = []
+                for _ in range(eval_iters):
+                    X, Y = get_batch("val")
+                    logits = model(X)
+                    losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), Y.view(-1)).item())
+            model.train()
+            curve.append((it, sum(losses) / len(losses), seconds))
+            if curve[-1][1] <= TARGET:
+                break
+    return {"reached": curve[-1][1] <= TARGET, "step": curve[-1][0], "val_loss": curve[-1][1],
+            "seconds": curve[-1][2], "curve": curve}
+
+
+def nnlab_to_target(recipe: str, overrides: dict, out: str) -> dict:
+    """nnlab.train(recipe); the first evaluation at or below TARGET, read from metrics.jsonl
+    (train_seconds there: time in training steps, compilation included, evaluations excluded)."""
+    import nnlab
+
+    from common import quiet
+
+    with quiet():
+        run_dir = nnlab.train(recipe, overrides, out=out)
+    evals = [e for e in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+             if e["event"] == "eval"]
+    hit = next((e for e in evals if e["val_loss"] <= TARGET), evals[-1])
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    return {"reached": hit["val_loss"] <= TARGET, "step": hit["step"], "val_loss": hit["val_loss"],
+            "seconds": hit["train_seconds"], "final_val_loss": evals[-1]["val_loss"],
+            "precision": summary["precision"], "curve": [(e["step"], e["val_loss"], e["train_seconds"]) for e in evals]}
 
 
 def run(ctx: Ctx) -> dict:
     warm, steady = ctx.steps(3, 10), ctx.steps(8, 100)
-    nnlab_variants = [("nnlab gpt-shakespeare (fp32, as shipped)", {}),
-                      ("nnlab + precision=auto", {"train.precision": "auto"})]
+    recipe = "gpt-shakespeare"
+    nnlab_variants = [("nnlab gpt-shakespeare (fp32, as shipped)", recipe, {}),
+                      ("nnlab + precision=auto", recipe, {"train.precision": "auto"})]
     if not ctx.quick:  # a cold compile of the training graph takes ~35 s on 2 shared cores
-        nnlab_variants += [("nnlab + compile", {"train.compile": True}),
-                           ("nnlab + compile + precision=auto", {"train.compile": True, "train.precision": "auto"})]
+        nnlab_variants += [("nnlab + compile", recipe, {"train.compile": True}),
+                           ("nnlab + compile + precision=auto", recipe, {"train.compile": True, "train.precision": "auto"}),
+                           (f"nnlab {BEST} (batch 32, auto, compile)", BEST, {})]
     # Evaluate once at the end with one batch: evaluation is outside the timing, and this keeps it short.
     common_ov = {"data.path": str(text_path()), "train.eval_iters": 1}
     flops = gpt_train_flops_per_token(GPT(GPTConfig(vocab_size=65)), BLOCK)
-    names = ["plain loop (nanoGPT-style, fp32)"] + [n for n, _ in nnlab_variants]
+    names = ["plain loop (nanoGPT-style, fp32)"] + [n for n, _, _ in nnlab_variants]
     raw, errors = {n: [] for n in names}, {}
+    # Time to val loss TARGET: nanoGPT's full run against nnlab's best recipe (quick: a few steps, to run the code).
+    plain_tt = dict(eval_every=2, eval_iters=1, max_iters=4) if ctx.quick else dict(eval_every=100, eval_iters=200,
+                                                                                     max_iters=4000)
+    best_ov = {"data.path": str(text_path()), **({"train.max_steps": 4, "train.eval_every": 2, "train.eval_iters": 1,
+                                                  "train.compile": False} if ctx.quick else {})}
+    tt = {"plain": [], "nnlab": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(ctx.repeats):
-            raw[names[0]].append(plain(ctx, warm, steady))
-            for i, (name, ov) in enumerate(nnlab_variants):
-                ov, out = {**common_ov, **ov}, Path(tmp) / f"{i}-{r}"
-                keep(raw, name, attempt(lambda: time_nnlab("gpt-shakespeare", ov, warm, steady, out), errors, name))
+            raw[names[0]].append(isolated(ctx, plain, ctx.device.type, warm, steady))
+            for i, (name, rec, ov) in enumerate(nnlab_variants):
+                ov, out = {**common_ov, **ov}, str(Path(tmp) / f"{i}-{r}")
+                keep(raw, name, attempt(lambda: isolated(ctx, time_nnlab, rec, ov, warm, steady, out), errors, name))
+        for r in range(ctx.repeats):
+            tt["plain"].append(isolated(ctx, plain_to_target, ctx.device.type, r, *plain_tt.values()))
+            tt["nnlab"].append(isolated(ctx, nnlab_to_target, BEST, {**best_ov, "train.seed": r},
+                                        str(Path(tmp) / f"tt-{r}")))
     results, rows, crosscheck = training_table(ctx, raw, errors, flops, "tokens")
+    results["time_to_target"] = tt_res = _time_to_target(tt)
     notes = [f"model FLOPs per token: {flops / 1e6:.2f} M (nanoGPT: 6N + 12*L*C*T, N without the position table)",
              f"ratio = tokens/s over the plain loop's in the same repeat; warm-up = first {warm} steps "
              "(for compile: the compilation); repeats after the first reuse inductor's on-disk cache",
-             auto_note(results[names[2]]), crosscheck]
+             auto_note(results[names[2]]), crosscheck, tt_res["note"]]
     if ctx.quick:
-        notes.append("train.compile=true (alone and with precision=auto): skipped in --quick (a cold compile "
-                     "takes ~35 s on 2 shared cores)")
+        notes.append("train.compile=true and the best recipe's throughput: skipped in --quick (a cold compile "
+                     "takes ~35 s on 2 shared cores); time-to-target ran 4 steps only")
     return {
         "title": f"B3 gpt-shakespeare training tokens/s: batch {BATCH} x block {BLOCK}, AdamW, clip 1.0, "
                  f"{warm} warm-up + {steady} timed steps",
         "notes": notes,
         "columns": ["variant", "precision", "tokens/s", "ratio", "MFU", "warm-up s", "setup s"],
         "rows": rows,
-        "config": {"warm_steps": warm, "steady_steps": steady, "flops_per_token": flops},
+        "config": {"warm_steps": warm, "steady_steps": steady, "flops_per_token": flops, "target": TARGET,
+                   "plain_to_target": plain_tt, "best_recipe": BEST},
         "results": results,
     }
+
+
+def _time_to_target(tt: dict) -> dict:
+    """Seconds to val loss <= TARGET on each side (training steps only: evaluations excluded, nnlab's
+    compilation included), and their ratio; a side that never got there is reported as such."""
+    res = {side: {"runs": runs, "reached": all(r["reached"] for r in runs),
+                  "seconds": summarize([r["seconds"] for r in runs]), "steps": [r["step"] for r in runs]}
+           for side, runs in tt.items()}
+    p, n = res["plain"], res["nnlab"]
+    line = (f"time to val loss {TARGET}: plain nanoGPT loop {fmt(p['seconds'], ',.1f')} s (iterations "
+            f"{p['steps']}{'' if p['reached'] else ', NOT reached: its last evaluation'}), nnlab {BEST} "
+            f"{fmt(n['seconds'], ',.1f')} s (steps {n['steps']}{'' if n['reached'] else ', NOT reached'})")
+    if p["reached"] and n["reached"]:
+        res["ratio"] = summarize([b["seconds"] / a["seconds"] for a, b in zip(tt["plain"], tt["nnlab"])])
+        line += f"; ratio nnlab / plain {fmt(res['ratio'], '.2f', suffix='x')} (target <= 0.4x)"
+    res["note"] = line + "; seconds = training steps only (evaluations excluded, compilation included)"
+    return res

@@ -29,7 +29,8 @@ from nnlab.train.checkpoint import load_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RECIPES = {"seed-cnn", "seed-cnn-fast", "cnn", "vit", "fmnist-speedrun", "mlp-regression", "gpt-shakespeare", "gpt-shakespeare-fast"}
+RECIPES = {"seed-cnn", "seed-cnn-fast", "cnn", "vit", "fmnist-speedrun", "mlp-regression", "gpt-shakespeare", "gpt-shakespeare-fast",
+           "gpt-shakespeare-speedrun"}
 SEED_CNN_PARAMS = 421_642
 CNN_STEPS = 25  # 320 images / batch 32 = 10 steps per epoch: the run crosses two epoch boundaries
 
@@ -151,6 +152,9 @@ def test_seed_cnn_run_folder_is_complete(cnn_run, fmnist_dir):
     evals = [r for r in recs if r["event"] == "eval"]
     assert [r["step"] for r in evals] == [10, 20, CNN_STEPS]  # ends of epochs, end of the run
     assert evals[-1]["test_accuracy"] == summary["test_accuracy"]
+    # time in training steps at each evaluation (what time-to-target reads): grows, ends at the total
+    secs = [r["train_seconds"] for r in evals]
+    assert 0 < secs[0] < secs[1] < secs[2] == pytest.approx(summary["train_seconds"], abs=0.01)
 
 
 def test_seed_cnn_loss_falls(cnn_run):

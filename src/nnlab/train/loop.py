@@ -167,7 +167,9 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
                 model.eval()
                 metrics = task.evaluate(model, env.device)
                 model.train()
-                log.record("eval", step, **metrics)
+                # train_seconds: time in training steps so far (compile included, evaluations not),
+                # so a time-to-target is read straight from metrics.jsonl.
+                log.record("eval", step, **metrics, train_seconds=round(train_seconds, 3))
                 log.say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if t.checkpoint_every == 0:
                 _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds, env)
