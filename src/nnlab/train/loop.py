@@ -161,6 +161,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
             log.record("train", step, loss=loss_val, lr=lr, **{f"{unit}_per_s": rate})
             window_t, window_steps = now, 0
 
+        t_pause = time.perf_counter()
         epoch_end = step % task.steps_per_epoch() == 0
         if (step % t.eval_every == 0 if t.eval_every else epoch_end) or step == total:
             if env.is_main or all_ranks:
@@ -173,10 +174,11 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
                 log.say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if t.checkpoint_every == 0:
                 _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds, env)
-            window_t = time.perf_counter()  # evaluation time is not training throughput
         if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == total):
             _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds, env)
-            window_t = time.perf_counter()
+        # Evaluation and checkpoints are not training throughput: move the log window's start past
+        # them (resetting it instead overstated the rate when an evaluation fell between log lines).
+        window_t += time.perf_counter() - t_pause
     log.close()
 
     # ---- the finished run ------------------------------------------------------------------------
