@@ -3,11 +3,12 @@
 Both sides train the same CNN (421,642 parameters) on the same normalised Fashion-MNIST tensors
 with batch 64 and SGD lr 0.01. The baseline is benchmarks/plain_cnn.py's loop, written the way
 the article writes it: a DataLoader over a TensorDataset, fp32. nnlab runs its `seed-cnn` recipe
-through nnlab.train in this process, first as shipped (fp32), then with the switches that keep
+through nnlab.train, first as shipped (fp32), then with the switches that keep
 model, batch and optimizer: channels_last, and channels_last + precision=auto (bf16 autocast only
 where the hardware has it natively).
 
-Every run is a fresh process (common.isolated), as a user's script would be.
+Every run is a fresh process (common.isolated), as a user's script would be. After the timing,
+3 epochs of the plain loop and of the fastest eager variant compare test accuracy.
 Steady state = the steps after the first `warm` (timed separately, as warm-up). Repeats run the
 variants in turn (plain, nnlab, ..., plain, nnlab, ...) so drift hits every side alike.
 MFU counts the conv/fc multiply-adds: 2 FLOPs each, x3 for forward + backward.
@@ -15,7 +16,6 @@ MFU counts the conv/fc multiply-adds: 2 FLOPs each, x3 for forward + backward.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import Ctx, attempt, auto_note, conv_fc_macs, isolated, keep, time_nnlab, timed, training_table
+from common import (Ctx, attempt, auto_note, conv_fc_macs, isolated, keep, time_nnlab, timed, train_quiet,
+                    training_table)
 from plain_cnn import Net
 
 NNLAB = [
@@ -73,16 +74,6 @@ def plain_accuracy(epochs: int, limit: int | None) -> dict:
     return plain_cnn.main(["--epochs", str(epochs)] + (["--limit", str(limit)] if limit else []))
 
 
-def nnlab_accuracy(overrides: dict, out: str) -> dict:
-    import nnlab
-
-    from common import quiet
-
-    with quiet():
-        run_dir = nnlab.train("seed-cnn", overrides, out=out)
-    return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
 def run(ctx: Ctx) -> dict:
     warm, steady = ctx.steps(3, 10), ctx.steps(10, 150)
     limit = 2048 if ctx.quick else None  # quick: read fewer images; full: the whole training set
@@ -106,7 +97,7 @@ def run(ctx: Ctx) -> dict:
         epochs = 1 if ctx.quick else 3
         acc_ov = {**dict(NNLAB[-1][1]), "train.epochs": epochs, **({"data.limit": limit} if limit else {})}
         acc = {"plain": isolated(ctx, plain_accuracy, epochs, limit),
-               "nnlab": isolated(ctx, nnlab_accuracy, acc_ov, str(Path(tmp) / "acc"))}
+               "nnlab": isolated(ctx, train_quiet, "seed-cnn", acc_ov, str(Path(tmp) / "acc"))}
     results, rows, crosscheck = training_table(ctx, raw, errors, flops, "samples")
     gap = acc["nnlab"]["test_accuracy"] - acc["plain"]["test_accuracy"]
     results["accuracy_after_epochs"] = {"epochs": epochs, "plain": acc["plain"]["test_accuracy"],

@@ -13,7 +13,6 @@ the final test accuracy. The target is a mean >= 92.0% over seeds.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import Ctx, fmt, quiet, summarize
+from common import Ctx, fmt, summarize, train_quiet
 from plain_cnn import Net
 
 TARGET = 0.92
@@ -63,14 +62,10 @@ def baseline(ctx: Ctx, seed: int, epochs: int, limit: int | None) -> dict:
 
 
 def nnlab_run(seed: int, limit: int | None, out: Path) -> dict:
-    import nnlab
-
     ov = {"train.seed": seed, **({"data.limit": limit, "train.epochs": 1} if limit else {})}
     t0 = time.perf_counter()
-    with quiet():
-        run_dir = nnlab.train("fmnist-speedrun", ov, out=str(out))
+    s = train_quiet("fmnist-speedrun", ov, str(out))
     seconds = time.perf_counter() - t0
-    s = json.loads((run_dir / "summary.json").read_text())
     return {"seconds": seconds, "test_accuracy": s["test_accuracy"], "train_seconds": s["train_seconds"]}
 
 

@@ -15,7 +15,6 @@ apart. MFU uses nanoGPT's estimate_mfu: 6N + 12*L*C*T FLOPs per token.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -24,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (ROOT, Ctx, attempt, auto_note, fmt, gpt_train_flops_per_token, isolated, keep, summarize,
-                    time_nnlab, timed, training_table)
+from common import (ROOT, Ctx, attempt, auto_note, fmt, gpt_train_flops_per_token, isolated, keep, read_events,
+                    summarize, time_nnlab, timed, train_quiet, training_table)
 from nnlab.config import load_config
 from nnlab.models.gpt import GPT, GPTConfig
 
@@ -128,16 +127,9 @@ def plain_to_target(device: str, seed: int, eval_every: int, eval_iters: int, ma
 def nnlab_to_target(recipe: str, overrides: dict, out: str) -> dict:
     """nnlab.train(recipe); the first evaluation at or below TARGET, read from metrics.jsonl
     (train_seconds there: time in training steps, compilation included, evaluations excluded)."""
-    import nnlab
-
-    from common import quiet
-
-    with quiet():
-        run_dir = nnlab.train(recipe, overrides, out=out)
-    evals = [e for e in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
-             if e["event"] == "eval"]
+    summary = train_quiet(recipe, overrides, out)
+    evals = read_events(summary["run_dir"], "eval")
     hit = next((e for e in evals if e["val_loss"] <= TARGET), evals[-1])
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
     return {"reached": hit["val_loss"] <= TARGET, "step": hit["step"], "val_loss": hit["val_loss"],
             "seconds": hit["train_seconds"], "final_val_loss": evals[-1]["val_loss"],
             "precision": summary["precision"], "curve": [(e["step"], e["val_loss"], e["train_seconds"]) for e in evals]}

@@ -270,6 +270,9 @@ def quiet():
         raise
 
 
+RESULT = "@@result "  # marks the worker's one output line
+
+
 def isolated(ctx: Ctx, fn, *args) -> dict:
     """fn(*args) in a fresh Python process; returns its dict. Each side of a comparison runs alone
     in a new process, as a user's script would: nothing process-wide that one side sets (nnlab
@@ -285,14 +288,26 @@ def isolated(ctx: Ctx, fn, *args) -> dict:
     raise RuntimeError(f"{fn.__name__} in a subprocess: {lines[-1]}")
 
 
-RESULT = "@@result "
-
-
 def _worker(job: str) -> None:
     spec = json.loads(job)
     torch.set_num_threads(spec["threads"])
     out = getattr(importlib.import_module(spec["module"]), spec["fn"])(*spec["args"])
     print(RESULT + json.dumps(out), flush=True)
+
+
+def train_quiet(recipe: str, overrides: dict, out: str) -> dict:
+    """nnlab.train(recipe) with its console lines swallowed; its summary.json, plus `run_dir`."""
+    import nnlab
+
+    with quiet():
+        run_dir = nnlab.train(recipe, overrides, out=str(out))
+    return {**json.loads((run_dir / "summary.json").read_text()), "run_dir": str(run_dir)}
+
+
+def read_events(run_dir, event: str) -> list[dict]:
+    """The records of one kind ("train" or "eval") from a run's metrics.jsonl."""
+    rows = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if r["event"] == event]
 
 
 def time_nnlab(recipe: str, overrides: dict, warm: int, steady: int, out: str) -> dict:
@@ -317,8 +332,7 @@ def time_nnlab(recipe: str, overrides: dict, warm: int, steady: int, out: str) -
         raise RuntimeError(f"{recipe}: expected {total} optimizer steps, saw {len(clock.stamps)}")
     cfg = read_config(run_dir)
     per_step = cfg.train.batch_size * (int(cfg.model["block_size"]) if cfg.data.name == "text" else 1)
-    events = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [(e["step"], next(v for k, v in e.items() if k.endswith("_per_s"))) for e in events if e["event"] == "train"]
+    windows = [(e["step"], next(v for k, v in e.items() if k.endswith("_per_s"))) for e in read_events(run_dir, "train")]
     warm_s = warm * per_step / windows[0][1]
     loop_s, prev = 0.0, warm
     for step, rate in windows[1:]:
