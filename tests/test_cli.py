@@ -240,6 +240,26 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(cnn_run, fmnist_dir, 
 # GPT on a few KB of text
 
 
+def test_logged_rate_counts_training_time_only(text_file, tmp_path):
+    """With an evaluation between every two log lines, the logged tokens/s is still the window's
+    tokens over its training seconds: evaluations neither dilute nor (by a clock reset) inflate it."""
+    import nnlab
+
+    over = {"data.path": str(text_file), "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32,
+            "model.block_size": 32, "train.batch_size": 4, "train.max_steps": 12, "train.log_every": 4,
+            "train.eval_every": 2, "train.eval_iters": 20}
+    run = nnlab.train("gpt-shakespeare", over, out=str(tmp_path / "run"))
+    recs = metrics(run)
+    train = [r for r in recs if r["event"] == "train"]
+    assert [r["step"] for r in train] == [4, 8, 12]
+    assert len([r for r in recs if r["event"] == "eval"]) == 6
+    prev = 0.0
+    for r in train:
+        window_tokens = 4 * 4 * 32  # log_every steps x batch x block
+        assert r["tokens_per_s"] == pytest.approx(window_tokens / (r["train_seconds"] - prev), rel=1e-3)
+        prev = r["train_seconds"]
+
+
 def test_gpt_loss_falls(gpt_run):
     losses = [loss for _, loss in train_losses(metrics(gpt_run))]
     assert len(losses) == 60

@@ -114,7 +114,9 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
 
     # ---- the loop --------------------------------------------------------------------------------
     model.train()
-    window_t, window_steps = time.perf_counter(), 0
+    # The log's throughput window is measured in train_seconds, which count training steps only:
+    # evaluations and checkpoints between two log lines never dilute (or, reset, inflate) the rate.
+    window_start, window_steps = train_seconds, 0
     while step < total:
         t_step = time.perf_counter()
         lr = lr_at(step, total, t)
@@ -154,14 +156,14 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
         window_steps += 1
 
         if step % t.log_every == 0 or step == total:
-            now = time.perf_counter()
-            rate = window_steps * per_step / max(now - window_t, 1e-9)
-            eta = (total - step) * (now - window_t) / max(window_steps, 1)
+            elapsed = train_seconds - window_start
+            rate = window_steps * per_step / max(elapsed, 1e-9)
+            eta = (total - step) * elapsed / max(window_steps, 1)
             log.train_line(step, loss_val, lr, rate, eta)
-            log.record("train", step, loss=loss_val, lr=lr, **{f"{unit}_per_s": rate})
-            window_t, window_steps = now, 0
+            log.record("train", step, loss=loss_val, lr=lr, **{f"{unit}_per_s": rate},
+                       train_seconds=round(train_seconds, 6))
+            window_start, window_steps = train_seconds, 0
 
-        t_pause = time.perf_counter()
         epoch_end = step % task.steps_per_epoch() == 0
         if (step % t.eval_every == 0 if t.eval_every else epoch_end) or step == total:
             if env.is_main or all_ranks:
@@ -176,9 +178,6 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
                 _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds, env)
         if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == total):
             _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds, env)
-        # Evaluation and checkpoints are not training throughput: move the log window's start past
-        # them (resetting it instead overstated the rate when an evaluation fell between log lines).
-        window_t += time.perf_counter() - t_pause
     log.close()
 
     # ---- the finished run ------------------------------------------------------------------------
