@@ -5,8 +5,8 @@ Shakespeare with batch 12, AdamW lr 1e-3 (betas 0.9/0.99, weight decay 0.1 on ma
 nanoGPT) and gradient clipping at 1.0. The baseline is written by hand the ordinary way: random
 blocks via torch.randint as nanoGPT's get_batch, F.cross_entropy, backward, clip, step; it uses
 nnlab.models.gpt.GPT as its module so that only the loop differs. nnlab runs its recipe through
-nnlab.train as shipped (fp32), with precision=auto, with train.compile=true, and with both (the
-compile variants in full mode only).
+nnlab.train as shipped (fp32), with precision=auto, with train.compile=true, with both, and with
+both under compile_mode=max-autotune-no-cudagraphs (the compile variants in full mode only).
 
 Every run is a fresh process (common.isolated), as a user's script would be.
 Steady state = the steps after the first `warm`; the warm-up (compilation included) is reported
@@ -143,6 +143,9 @@ def run(ctx: Ctx) -> dict:
     if not ctx.quick:  # a cold compile of the training graph takes ~35 s on 2 shared cores
         nnlab_variants += [("nnlab + compile", recipe, {"train.compile": True}),
                            ("nnlab + compile + precision=auto", recipe, {"train.compile": True, "train.precision": "auto"}),
+                           ("nnlab + compile (max-autotune) + precision=auto", recipe,
+                            {"train.compile": True, "train.compile_mode": "max-autotune-no-cudagraphs",
+                             "train.precision": "auto"}),
                            (f"nnlab {BEST} (batch 32, auto, compile)", BEST, {})]
     # Evaluate once at the end with one batch: evaluation is outside the timing, and this keeps it short.
     common_ov = {"data.path": str(text_path()), "train.eval_iters": 1}

@@ -51,19 +51,45 @@ def test_bf16_autocast_matches_fp32_curve(tmp_path, text_file, one_thread):
     assert bf16[-1] < bf16[0] and fp32[-1] < fp32[0]
 
 
-def test_compiled_matches_eager(tmp_path, text_file, one_thread):
+def compiled_losses(tmp_path, text_file, *extra):
+    """Train 4 steps eager, then compiled (torch.compile really used, no eager fallback): both curves."""
     import torch._dynamo as dynamo
 
-    eager = losses(train(tmp_path, "eager", gpt_args(text_file, "train.max_steps=4")))
+    eager = losses(train(tmp_path, "eager", gpt_args(text_file, "train.max_steps=4", *extra)))
     dynamo.reset()
     dynamo.utils.counters.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled = losses(train(tmp_path, "compiled", gpt_args(text_file, "train.max_steps=4", "train.compile=true")))
+        compiled = losses(train(tmp_path, "compiled", gpt_args(text_file, "train.max_steps=4", "train.compile=true",
+                                                               *extra)))
     assert not [w for w in caught if "running eager" in str(w.message)]
     assert dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it really compiled
+    return eager, compiled
+
+
+def test_compiled_matches_eager(tmp_path, text_file, one_thread):
+    eager, compiled = compiled_losses(tmp_path, text_file)
     # Inductor fuses and reorders float ops: equal to ~1e-5 relative, not bit for bit.
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_max_autotune_times_gemm_kernels_and_matches_eager(tmp_path, text_file, one_thread, monkeypatch):
+    """compile_mode reaches torch.compile: max-autotune benchmarks candidate GEMM kernels (on CPU
+    inductor offers its C++ templates for bf16 matmuls), and the curve still matches eager bf16."""
+    import torch._dynamo as dynamo
+
+    from nnlab.train.precision import native_bf16
+
+    if not native_bf16(torch.device("cpu"))[0]:
+        pytest.skip("max-autotune's C++ GEMM templates are offered for bf16; this CPU emulates bf16")
+    import torch._inductor.config as inductor_config
+
+    # A graph found in inductor's on-disk cache is not autotuned again: compile afresh.
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    eager, compiled = compiled_losses(tmp_path, text_file, "train.precision=bf16",
+                                      "train.compile_mode=max-autotune-no-cudagraphs")
+    assert dynamo.utils.counters["inductor"]["select_algorithm_autotune"] > 0
+    assert compiled == pytest.approx(eager, rel=2e-2)  # bf16 rounding differs between fused and eager ops
 
 
 def test_activation_checkpointing_gives_the_same_curve(tmp_path, text_file, one_thread):

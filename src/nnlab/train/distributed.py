@@ -86,7 +86,7 @@ def grad_sync(fmodel: nn.Module, sync: bool):
         yield
 
 
-def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env) -> nn.Module:
+def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env, compile_mode: str = "default") -> nn.Module:
     """Wrap the single-device model for speed and scale; returns the module to call in the loop.
 
     FSDP2 shards `model` in place (its parameters become DTensors), so the loop keeps using
@@ -102,7 +102,7 @@ def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env) -> nn.
         fully_shard(model)
     if compile:
         try:
-            model = torch.compile(model)
+            model = torch.compile(model, mode=compile_mode)
             # Compilation happens lazily, at the first forward: a graph that fails to compile
             # there (no C compiler, an unsupported op) then runs eager instead of ending the run.
             import torch._dynamo as dynamo  # (`import torch._dynamo` would make `torch` a local name here)

@@ -94,7 +94,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     if env.is_main and not resume:
         runfolder.write_config(run_dir, cfg)
     # Sharding (FSDP) changes the parameters, so it comes before the optimizer is built.
-    fmodel = distributed.parallelize(model, t.compile, t.strategy, env)
+    fmodel = distributed.parallelize(model, t.compile, t.strategy, env, t.compile_mode)
     optimizer = make_optimizer(model, t, fused=env.world_size == 1)
     step, bad_steps, train_seconds = 0, 0, 0.0
     if resume:
