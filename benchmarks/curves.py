@@ -1,11 +1,17 @@
 """Reference training curves: loss against step and against seconds, mean and spread over seeds.
 
     python benchmarks/curves.py RECIPE [--seeds 0 1 2] [--set KEY=VALUE ...] [--out runs/curves]
+                                       [--target METRIC=VALUE ...] [--reuse] [--json PATH]
 
 Trains RECIPE once per seed and writes benchmarks/curves/RECIPE.json: for every logged step the
-mean, min and max training loss and elapsed training seconds, and the same for each evaluation
-metric. A user can hold a run of theirs against it to tell whether it is on track. The file names
-the processor and torch version: seconds from another machine are not comparable.
+mean, min and max training loss and elapsed seconds, and the same for each evaluation metric
+(with the training seconds to it: evaluations excluded). A user can hold a run of theirs against
+it to tell whether it is on track. The file names the processor and torch version: seconds from
+another machine are not comparable.
+
+--target test_accuracy=0.94 also reports, per seed, the first evaluation that reaches the value
+(at least it; at most it for a metric named *loss* or *mse*) and its training seconds.
+--reuse reads finished runs already in --out instead of training them again.
 """
 
 from __future__ import annotations
@@ -26,14 +32,30 @@ def spread(xs: list[float]) -> dict:
 
 
 def curve(runs: list[list[dict]], event: str, key: str) -> list[dict]:
-    """Per step present in every run: the spread of `key`, and of the seconds since the run began."""
+    """Per step present in every run: the spread of `key`, of the seconds since the run began, and
+    of the training seconds (evaluations excluded) where the records carry them."""
     by_run = []
     for rows in runs:
         t0 = rows[0]["time"]
-        by_run.append({r["step"]: (r[key], r["time"] - t0) for r in rows if r["event"] == event and key in r})
+        by_run.append({r["step"]: r | {"seconds": r["time"] - t0} for r in rows if r["event"] == event and key in r})
     steps = sorted(set.intersection(*(set(d) for d in by_run)))
-    return [{"step": s, key: spread([d[s][0] for d in by_run]), "seconds": spread([d[s][1] for d in by_run])}
+    return [{"step": s, **{k: spread([d[s][k] for d in by_run])
+                           for k in (key, "seconds", "train_seconds") if all(k in d[s] for d in by_run)}}
             for s in steps]
+
+
+def time_to(runs: list[list[dict]], metric: str, value: float) -> dict:
+    """Per run, the first evaluation whose `metric` reaches `value`: its step and training seconds."""
+    lower = "loss" in metric or "mse" in metric
+    hits = []
+    for rows in runs:
+        evals = [r for r in rows if r["event"] == "eval" and metric in r]
+        hit = next((r for r in evals if (r[metric] <= value if lower else r[metric] >= value)), None)
+        hits.append(None if hit is None else {"step": hit["step"], metric: hit[metric],
+                                               "train_seconds": hit.get("train_seconds")})
+    reached = [h for h in hits if h]
+    return {"metric": metric, "value": value, "runs": hits, "reached": f"{len(reached)}/{len(hits)}",
+            "train_seconds": spread([h["train_seconds"] for h in reached]) if reached else None}
 
 
 def main(argv=None) -> int:
@@ -42,24 +64,37 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", default="runs/curves")
+    p.add_argument("--target", action="append", default=[], metavar="METRIC=VALUE")
+    p.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of training")
+    p.add_argument("--json", help="where to write (default: benchmarks/curves/RECIPE.json)")
     a = p.parse_args(argv)
+    targets = [(m, float(v)) for m, v in (t.split("=", 1) for t in a.target)]
     runs, summaries = [], []
     for seed in a.seeds:
-        run_dir = nnlab.train(a.recipe, [*a.set, f"train.seed={seed}"], out=f"{a.out}/{a.recipe}-seed{seed}")
+        run_dir = Path(f"{a.out}/{a.recipe}-seed{seed}")
+        if not (a.reuse and (run_dir / "summary.json").exists()):
+            run_dir = nnlab.train(a.recipe, [*a.set, f"train.seed={seed}"], out=str(run_dir))
         runs.append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
         summaries.append(json.loads((run_dir / "summary.json").read_text()))
-    metrics = sorted({k for rows in runs for r in rows if r["event"] == "eval" for k in r} - {"event", "step", "time"})
+    metrics = sorted({k for rows in runs for r in rows if r["event"] == "eval" for k in r} - {"event", "step", "time", "train_seconds"})
     doc = {"recipe": a.recipe, "overrides": a.set, "seeds": a.seeds, "cpu": cpu_name(), "torch": torch.__version__,
            "precision": summaries[0]["precision"],
            "note": "seconds = wall time since the run's first log record, evaluations included",
            "train_loss": curve(runs, "train", "loss"),
            "eval": {m: curve(runs, "eval", m) for m in metrics},
-           "final": {m: spread([s[m] for s in summaries]) for m in metrics if m in summaries[0]}}
-    path = Path(__file__).parent / "curves" / f"{a.recipe}.json"
+           "final": {m: spread([s[m] for s in summaries]) for m in metrics if m in summaries[0]},
+           "train_seconds": spread([s["train_seconds"] for s in summaries]),
+           "targets": [time_to(runs, m, v) for m, v in targets]}
+    path = Path(a.json) if a.json else Path(__file__).parent / "curves" / f"{a.recipe}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
     for m, v in doc["final"].items():
         print(f"{a.recipe}: final {m} mean {v['mean']:.4f} [{v['min']:.4f}-{v['max']:.4f}] over seeds {a.seeds}")
+    for t in doc["targets"]:
+        secs = t["train_seconds"]
+        print(f"{a.recipe}: {t['metric']} {t['value']} reached by {t['reached']} seeds"
+              + (f", training seconds {secs['mean']:.1f} [{secs['min']:.1f}-{secs['max']:.1f}]" if secs else "")
+              + f" (steps {[h and h['step'] for h in t['runs']]})")
     print(f"wrote {path}")
     return 0
 

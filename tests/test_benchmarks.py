@@ -41,3 +41,37 @@ def test_quick_b4_writes_results_and_greedy_tokens_match(tmp_path):
             assert res[key]["median"] > 0
     assert "greedy tokens identical (cache vs recompute), every repeat: True" in r.stdout
     assert m["processor"] in r.stdout and "measured matmul peak" in r.stdout
+
+
+def test_curves_spread_over_seeds_time_to_target_and_reuse(tmp_path):
+    """benchmarks/curves.py over two real seeds of a short run: every eval step carries the spread of
+    the metric and of the training seconds; --target names the first evaluation reaching the value
+    in each run; --reuse rebuilds the same curves from the finished runs without training again."""
+    out, js = tmp_path / "runs", tmp_path / "curve.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "curves.py"), "mlp-regression", "--seeds", "0", "1",
+           "--set", "train.epochs=40", "--set", "train.eval_every=10", "--set", "train.log_every=10",
+           "--out", str(out), "--json", str(js), "--target", "test_mse=1e9", "--target", "test_mse=1e-9"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads(js.read_text())
+    evals = doc["eval"]["test_mse"]
+    assert [e["step"] for e in evals] == [10, 20, 30, 40]
+    for e in evals:
+        assert e["test_mse"]["min"] <= e["test_mse"]["mean"] <= e["test_mse"]["max"]
+    seconds = [e["train_seconds"]["mean"] for e in evals]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    runs = [[json.loads(line) for line in (out / f"mlp-regression-seed{s}" / "metrics.jsonl").read_text().splitlines()]
+            for s in (0, 1)]
+    at10 = [next(r["test_mse"] for r in rows if r["event"] == "eval" and r["step"] == 10) for rows in runs]
+    assert at10[0] != at10[1]  # two seeds really differ, so the spread below is a real one
+    assert evals[0]["test_mse"] == {"mean": sum(at10) / 2, "min": min(at10), "max": max(at10)}
+    easy, impossible = doc["targets"]
+    assert easy["reached"] == "2/2" and [h["step"] for h in easy["runs"]] == [10, 10]  # the first evaluation
+    assert impossible["reached"] == "0/2" and impossible["train_seconds"] is None
+
+    stamp = [(out / f"mlp-regression-seed{s}" / "summary.json").stat().st_mtime_ns for s in (0, 1)]
+    js.unlink()
+    r = subprocess.run(cmd + ["--reuse"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert json.loads(js.read_text())["eval"] == doc["eval"]
+    assert [(out / f"mlp-regression-seed{s}" / "summary.json").stat().st_mtime_ns for s in (0, 1)] == stamp
