@@ -75,7 +75,7 @@ def plain_accuracy(epochs: int, limit: int | None) -> dict:
 
 
 def run(ctx: Ctx) -> dict:
-    warm, steady = ctx.steps(3, 10), ctx.steps(10, 150)
+    warm, steady = ctx.steps(3, 10), ctx.steps(10, 400)  # long windows: bursts of noise average out
     limit = 2048 if ctx.quick else None  # quick: read fewer images; full: the whole training set
     flops = 3 * 2 * conv_fc_macs(Net(), torch.zeros(1, 1, 28, 28))  # per training sample
     variants = list(NNLAB)
