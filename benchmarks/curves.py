@@ -58,17 +58,25 @@ def time_to(runs: list[list[dict]], metric: str, value: float) -> dict:
             "train_seconds": spread([h["train_seconds"] for h in reached]) if reached else None}
 
 
+def metric_value(text: str) -> tuple[str, float]:
+    """--target's METRIC=VALUE, refused with a one-line error otherwise."""
+    metric, sep, value = text.partition("=")
+    try:
+        return metric, float(value) if sep and metric else float("x")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected METRIC=NUMBER, got {text!r}") from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("recipe")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", default="runs/curves")
-    p.add_argument("--target", action="append", default=[], metavar="METRIC=VALUE")
+    p.add_argument("--target", action="append", default=[], metavar="METRIC=VALUE", type=metric_value)
     p.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of training")
     p.add_argument("--json", help="where to write (default: benchmarks/curves/RECIPE.json)")
     a = p.parse_args(argv)
-    targets = [(m, float(v)) for m, v in (t.split("=", 1) for t in a.target)]
     runs, summaries = [], []
     for seed in a.seeds:
         run_dir = Path(f"{a.out}/{a.recipe}-seed{seed}")
@@ -84,7 +92,7 @@ def main(argv=None) -> int:
            "eval": {m: curve(runs, "eval", m) for m in metrics},
            "final": {m: spread([s[m] for s in summaries]) for m in metrics if m in summaries[0]},
            "train_seconds": spread([s["train_seconds"] for s in summaries]),
-           "targets": [time_to(runs, m, v) for m, v in targets]}
+           "targets": [time_to(runs, m, v) for m, v in a.target]}
     path = Path(a.json) if a.json else Path(__file__).parent / "curves" / f"{a.recipe}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
