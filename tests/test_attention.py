@@ -138,3 +138,40 @@ def test_past_kv_attention_weights_cover_past_and_new_keys():
         A_new = sa(x[:, 5:], past_kv=past, need_weights=True)[1]
     assert A_new.shape == (B, H, 2, T)
     torch.testing.assert_close(A_new, A_full[:, :, 5:], **F32)  # the last rows of the full map
+
+
+@pytest.mark.parametrize("new_tokens", [T, 3, 1])  # a whole sequence, then 3 or 1 queries after a cache
+def test_bf16_cpu_attention_is_sdpas_math_kernel_exactly(new_tokens, monkeypatch):
+    """In bf16 on CPU the fast path calls SDPA's math kernel by name: outputs and gradients must be
+    bit-identical to F.scaled_dot_product_attention restricted to that kernel (its public entry
+    point, which also converts a bool mask), and close to the float32 explicit path."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sa = _attn(causal=True).to(torch.bfloat16)
+    torch.manual_seed(1)
+    x_all = torch.randn(B, T, C, dtype=torch.bfloat16)
+    past = sa(x_all[:, : T - new_tokens])[2] if new_tokens < T else None
+    x = x_all[:, T - new_tokens :]
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        y = sa(xi, past_kv=past)[0]
+        return y, torch.autograd.grad(y.float().square().sum(), xi)[0]
+
+    y, g = run()
+
+    def sdpa_math(self, q, k, v, is_causal):
+        n_q, n_k = q.shape[2], k.shape[2]
+        mask = None if is_causal or n_q == 1 else torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=n_k - n_q)
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+    monkeypatch.setattr(SelfAttention, "_sdpa", sdpa_math)
+    y_ref, g_ref = run()
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+
+    sa32 = sa.float()
+    set_explicit(sa32, True)
+    y32 = sa32(x.float(), past_kv=None if past is None else tuple(t.float() for t in past))[0]
+    torch.testing.assert_close(y.float(), y32, atol=3e-2, rtol=3e-2)  # bf16 keeps 8 mantissa bits

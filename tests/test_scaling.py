@@ -73,6 +73,29 @@ def test_compiled_matches_eager(tmp_path, text_file, one_thread):
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
+def test_compiled_bf16_gpt_is_keyed_by_aotautograd_cache(one_thread):
+    """A bf16 GPT compiles to a graph AOTAutograd's cache can store and find: nothing in it forces
+    a bypass. (Choosing SDPA's math kernel with the `sdpa_kernel` context put an unkeyable call into
+    the graph, and every warm compile then retraced the joint graph: 6-8 s against ~3.5 s.)"""
+    import torch._dynamo as dynamo
+    import torch.nn.functional as F
+
+    from nnlab.models import build_model
+
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = build_model("gpt", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=11)
+    x = torch.randint(0, 11, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(torch.compile(model)(x).float().flatten(0, 1), x.flatten())
+    loss.backward()
+    aot = dynamo.utils.counters["aot_autograd"]
+    assert aot["autograd_cache_bypass"] == 0, dict(aot)
+    assert aot["autograd_cache_miss"] + aot["autograd_cache_hit"] == 1, dict(aot)  # the cache was asked
+    dynamo.reset()
+
+
 def test_max_autotune_times_gemm_kernels_and_matches_eager(tmp_path, text_file, one_thread, monkeypatch):
     """compile_mode reaches torch.compile: max-autotune benchmarks candidate GEMM kernels (on CPU
     inductor offers its C++ templates for bf16 matmuls), and the curve still matches eager bf16."""

@@ -8,11 +8,8 @@ the tests compare the two on the same weights.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import Tensor, nn
 
 from nnlab import ops
@@ -97,8 +94,7 @@ class SelfAttention(nn.Module):
             # With a cache and a single new query the mask is all-ones; is_causal would wrongly
             # align the mask to the top-left, so only pass it when queries and keys coincide.
             is_causal = self.causal and q.shape[2] == k.shape[2]
-            with _sdpa_backend(q):
-                o = self._sdpa(q, k, v, is_causal)
+            o = self._sdpa(q, k, v, is_causal)
         y = o.transpose(1, 2).reshape(B, T, C)  # re-assemble heads side by side: (B, T, C)
         return self.resid_drop(self.proj(y)), A, (k, v)
 
@@ -108,15 +104,25 @@ class SelfAttention(nn.Module):
             # Several new queries after a cache: query i sits at key position T_past + i.
             mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
             mask = mask.tril(diagonal=k.shape[2] - q.shape[2])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                              dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            return _math_attention(q, k, v, mask, is_causal, dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
 
 
-def _sdpa_backend(q: Tensor):
-    """SDPA's kernel choice. On CPU in bf16 the flash kernel's backward ran 3-4x slower than the
-    math kernel (matmul + softmax, which uses the AMX bf16 units): 134 vs 41 ms for a ViT batch
-    (256, 4 heads, 50 tokens, d_k 32) on a 2-core Xeon, 5.3 vs 1.9 ms for the baby GPT. In fp32
-    flash is the faster one (29 vs 61 ms), so only bf16 on CPU switches."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
+def _math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, dropout: float) -> Tensor:
+    """SDPA's math kernel (matmul + softmax), called by name, for bf16 on CPU.
+
+    Why not let SDPA choose: its flash kernel's bf16 backward ran 3-4x slower than matmul + softmax
+    (134 vs 41 ms for a ViT batch of 256 x 4 heads x 50 tokens, d_k 32; 5.3 vs 1.9 ms for the baby
+    GPT; 2-core AMX Xeon). Why not the `sdpa_kernel(SDPBackend.MATH)` context: inside
+    torch.compile's graph it is a call AOTAutograd's cache cannot key, so every compile retraced
+    the joint graph: a warm compile of the baby GPT took 6.2-7.7 s, against 3.0-3.5 s with this
+    call, and compiled steps ran as fast (interleaved in one process: 22.2 against 25.0 ms at batch
+    12, 48.5 against 49.2 at batch 32). tests/test_attention.py checks it is bit-identical to SDPA;
+    the op is private to torch, which is why torch is pinned.
+    """
+    if mask is not None:  # the kernel adds a float mask; a bool one is converted first, as SDPA does
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                             is_causal=is_causal)[0]
