@@ -115,12 +115,13 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_cau
 
     Why not let SDPA choose: its flash kernel's bf16 backward ran 3-4x slower than matmul + softmax
     (134 vs 41 ms for a ViT batch of 256 x 4 heads x 50 tokens, d_k 32; 5.3 vs 1.9 ms for the baby
-    GPT; 2-core AMX Xeon). Why not the `sdpa_kernel(SDPBackend.MATH)` context: inside
+    GPT; 2-core AMX Xeon); in fp32 flash is the faster one (29 vs 61 ms), so only bf16 on CPU comes
+    here. Why not the `sdpa_kernel(SDPBackend.MATH)` context: inside
     torch.compile's graph it is a call AOTAutograd's cache cannot key, so every compile retraced
     the joint graph: a warm compile of the baby GPT took 6.2-7.7 s, against 3.0-3.5 s with this
     call, and compiled steps ran as fast (interleaved in one process: 22.2 against 25.0 ms at batch
-    12, 48.5 against 49.2 at batch 32). tests/test_attention.py checks it is bit-identical to SDPA;
-    the op is private to torch, which is why torch is pinned.
+    12, 48.5 against 49.2 at batch 32). The op is private to torch: tests/test_attention.py checks
+    that it stays bit-identical to SDPA, so a torch upgrade that changes it fails there.
     """
     if mask is not None:  # the kernel adds a float mask; a bool one is converted first, as SDPA does
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
