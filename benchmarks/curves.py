@@ -60,11 +60,13 @@ def time_to(runs: list[list[dict]], metric: str, value: float) -> dict:
 
 def metric_value(text: str) -> tuple[str, float]:
     """--target's METRIC=VALUE, refused with a one-line error otherwise."""
-    metric, sep, value = text.partition("=")
+    metric, _, value = text.partition("=")
     try:
-        return metric, float(value) if sep and metric else float("x")
+        if metric:
+            return metric, float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected METRIC=NUMBER, got {text!r}") from None
+        pass
+    raise argparse.ArgumentTypeError(f"expected METRIC=NUMBER, got {text!r}")
 
 
 def main(argv=None) -> int:

@@ -148,6 +148,8 @@ def test_bf16_cpu_attention_is_sdpas_math_kernel_exactly(new_tokens, monkeypatch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from nnlab.nn import layers
+
     sa = _attn(causal=True).to(torch.bfloat16)
     torch.manual_seed(1)
     x_all = torch.randn(B, T, C, dtype=torch.bfloat16)
@@ -161,13 +163,11 @@ def test_bf16_cpu_attention_is_sdpas_math_kernel_exactly(new_tokens, monkeypatch
 
     y, g = run()
 
-    def sdpa_math(self, q, k, v, is_causal):
-        n_q, n_k = q.shape[2], k.shape[2]
-        mask = None if is_causal or n_q == 1 else torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=n_k - n_q)
+    def sdpa_math(q, k, v, mask, is_causal, dropout):  # the same arguments, through SDPA's public entry
         with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
 
-    monkeypatch.setattr(SelfAttention, "_sdpa", sdpa_math)
+    monkeypatch.setattr(layers, "_math_attention", sdpa_math)
     y_ref, g_ref = run()
     assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
 

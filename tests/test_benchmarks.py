@@ -13,6 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 HANG_GUARD = 300  # seconds; only stops a hung run, it is not a speed check (the run takes ~10-20 s)
 
@@ -77,18 +80,13 @@ def test_curves_spread_over_seeds_time_to_target_and_reuse(tmp_path):
     assert [(out / f"mlp-regression-seed{s}" / "summary.json").stat().st_mtime_ns for s in (0, 1)] == stamp
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible: gpu.sh would run the whole suite")
 def test_gpu_script_without_a_gpu_says_so_and_exits_0(tmp_path):
     """benchmarks/gpu.sh on a machine torch sees no CUDA GPU on: one line that says why, exit 0,
     and no results file (on a GPU it runs the suite; that path needs the hardware)."""
-    import torch
-
-    if torch.cuda.is_available():
-        import pytest
-
-        pytest.skip("a CUDA GPU is visible: gpu.sh would run the whole suite")
     env = {"PATH": "/usr/bin:/bin", "PY": sys.executable}
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--quick"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=HANG_GUARD)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "no CUDA GPU visible to torch" in r.stdout and torch.__version__ in r.stdout
+    assert r.stdout.count("\n") == 1 and "no CUDA GPU visible to torch" in r.stdout and torch.__version__ in r.stdout
     assert not (ROOT / "benchmarks" / "results-gpu.json").exists()
