@@ -5,6 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from nnlab.models import REGISTRY, build_model, names, set_explicit
+from nnlab.nn import pool_kernel
 from nnlab.train.checkpoint import load_tensors, save_tensors
 
 TINY = {
@@ -59,13 +60,20 @@ def test_contract(name, tmp_path):
     assert_close(clone(x), model(x))
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
-def test_explicit_path_matches_fast_path(name):
+LAYOUTS = [(n, "contiguous") for n in sorted(TINY)] + [
+    (n, "channels_last") for n in names() if REGISTRY[n].task == "image"]
+
+
+@pytest.mark.parametrize("name,layout", LAYOUTS)
+def test_explicit_path_matches_fast_path(name, layout):
     """Same outputs and same gradients: a fast path may reorder work (seed-cnn pools before its
-    ReLU) but must compute the same function."""
+    ReLU) or run nnlab's own kernel (2x2 pooling of channels-last tensors) but must compute the
+    same function."""
     torch.manual_seed(0)
     model = build_model(name, **TINY[name]).eval()
     x = example_input(name)
+    if layout == "channels_last":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
 
     def run(explicit: bool):
         model.zero_grad(set_to_none=True)
@@ -89,3 +97,13 @@ def test_seed_cnn_is_the_articles_architecture():
     assert feats.shape == (2, 128)
     with pytest.raises(ValueError, match="28x28"):
         build_model("seed-cnn", image_size=32)  # the article's 32x32 mismatch, caught up front
+
+
+@pytest.mark.skipif(pool_kernel.library() is None, reason="the pool kernel cannot be built here")
+def test_seed_cnn_channels_last_runs_the_fused_pool_kernel(monkeypatch):
+    calls = []
+    real = pool_kernel.pool2x2
+    monkeypatch.setattr(pool_kernel, "pool2x2", lambda x, relu=False: calls.append(relu) or real(x, relu))
+    model = build_model("seed-cnn").to(memory_format=torch.channels_last)
+    model(example_input("seed-cnn").contiguous(memory_format=torch.channels_last)).sum().backward()
+    assert calls == [True, True]  # both pools, each with its ReLU fused

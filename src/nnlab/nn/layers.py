@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnlab import ops
+from nnlab.nn import pool_kernel
 
 
 class Dense(nn.Linear):
@@ -43,14 +44,25 @@ class Conv2d(nn.Conv2d):
 
 
 class MaxPool2d(nn.Module):
-    """Non-overlapping k x k max pooling."""
+    """Non-overlapping k x k max pooling; forward(x, relu=True) also applies ReLU after it.
+
+    The fast path runs 2x2 pooling of a channels-last CPU tensor in nnlab's own fused kernel
+    (nn/pool_kernel.py: no int64 indices, no zero-filled gradient, ReLU in the same pass), and
+    everything else in F.max_pool2d; both give the same values and gradients.
+    """
 
     def __init__(self, k: int = 2, explicit: bool = False):
         super().__init__()
         self.k, self.explicit = k, explicit
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.max_pool2d(x, self.k) if self.explicit else F.max_pool2d(x, self.k)
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        if self.explicit:
+            y = ops.max_pool2d(x, self.k)
+        elif self.k == 2 and pool_kernel.supports(x):
+            return pool_kernel.pool2x2(x, relu)
+        else:
+            y = F.max_pool2d(x, self.k)
+        return torch.relu(y) if relu else y
 
 
 class SelfAttention(nn.Module):
