@@ -5,7 +5,9 @@ with batch 64 and SGD lr 0.01. The baseline is benchmarks/plain_cnn.py's loop, w
 the article writes it: a DataLoader over a TensorDataset, fp32. nnlab runs its `seed-cnn` recipe
 through nnlab.train, first as shipped (fp32), then with the switches that keep
 model, batch and optimizer: channels_last, and channels_last + precision=auto (bf16 autocast only
-where the hardware has it natively).
+where the hardware has it natively); then that last variant again with ATen in place of nnlab's
+own kernels (nn/kernels.c: the fused conv1 + pool + ReLU block and the 2x2 pool), so their share
+shows in the same run.
 
 Every run is a fresh process (common.isolated), as a user's script would be. After the timing,
 3 epochs of the plain loop and of the fastest eager variant compare test accuracy.
@@ -16,6 +18,7 @@ MFU counts the conv/fc multiply-adds: 2 FLOPs each, x3 for forward + backward.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +30,21 @@ from common import (Ctx, attempt, auto_note, conv_fc_macs, isolated, keep, time_
                     training_table)
 from plain_cnn import Net
 
+from nnlab.nn import kernels
+
 NNLAB = [
     ("nnlab seed-cnn (recipe as shipped)", {}),
     ("nnlab + channels_last", {"train.channels_last": True}),
     ("nnlab + channels_last + precision=auto", {"train.channels_last": True, "train.precision": "auto"}),
 ]
+# The same as the last, with ATen in place of nnlab's own kernels: their share of the speed-up.
+ATEN_ONLY = ("nnlab + channels_last + auto, ATen only (NNLAB_NO_KERNELS=1)",
+             {"train.channels_last": True, "train.precision": "auto"})
+
+
+def time_nnlab_aten_only(*args) -> dict:
+    os.environ["NNLAB_NO_KERNELS"] = "1"  # read when the kernel is first asked for, in this fresh process
+    return time_nnlab(*args)
 
 
 def plain(device: str, warm: int, steady: int, limit: int | None) -> dict:
@@ -78,7 +91,7 @@ def run(ctx: Ctx) -> dict:
     warm, steady = ctx.steps(3, 10), ctx.steps(10, 400)  # long windows: bursts of noise average out
     limit = 2048 if ctx.quick else None  # quick: read fewer images; full: the whole training set
     flops = 3 * 2 * conv_fc_macs(Net(), torch.zeros(1, 1, 28, 28))  # per training sample
-    variants = list(NNLAB)
+    variants = list(NNLAB) + [ATEN_ONLY]
     if not ctx.quick:  # a cold compile costs tens of seconds; warm-up reports it apart
         variants += [("nnlab + compile", {"train.compile": True}),
                      ("nnlab + compile + channels_last + precision=auto",
@@ -91,8 +104,8 @@ def run(ctx: Ctx) -> dict:
             for i, (name, ov) in enumerate(variants):
                 ov = {**ov, **({"data.limit": limit} if limit else {})}
                 out = str(Path(tmp) / f"{i}-{r}")
-                keep(raw, name, attempt(lambda: isolated(ctx, time_nnlab, "seed-cnn", ov, warm, steady, out),
-                                        errors, name))
+                fn = time_nnlab_aten_only if name == ATEN_ONLY[0] else time_nnlab
+                keep(raw, name, attempt(lambda: isolated(ctx, fn, "seed-cnn", ov, warm, steady, out), errors, name))
         # The fastest switches must not cost accuracy: 3 epochs of each, test accuracy side by side.
         epochs = 1 if ctx.quick else 3
         acc_ov = {**dict(NNLAB[-1][1]), "train.epochs": epochs, **({"data.limit": limit} if limit else {})}
@@ -108,7 +121,7 @@ def run(ctx: Ctx) -> dict:
         "notes": [f"model FLOPs per training sample: {flops / 1e6:.1f} M (3 x 2 x conv/fc multiply-adds)",
                   "ratio = samples/s over the plain loop's in the same repeat; warm-up = first "
                   f"{warm} steps; setup = data loading and model building before the first step",
-                  auto_note(results[NNLAB[-1][0]]), crosscheck,
+                  auto_note(results[NNLAB[-1][0]]), crosscheck, f"nnlab's kernels: {kernels.status()}",
                   f"test accuracy after {epochs} epoch(s), one seed each: plain loop "
                   f"{100 * acc['plain']['test_accuracy']:.2f}%, {NNLAB[-1][0]} ({acc['nnlab']['precision']}) "
                   f"{100 * acc['nnlab']['test_accuracy']:.2f}% ({100 * gap:+.2f} points)"],

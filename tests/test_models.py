@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from nnlab.models import REGISTRY, build_model, names, set_explicit
-from nnlab.nn import pool_kernel
+from nnlab.nn import kernels
 from nnlab.train.checkpoint import load_tensors, save_tensors
 
 TINY = {
@@ -99,11 +99,19 @@ def test_seed_cnn_is_the_articles_architecture():
         build_model("seed-cnn", image_size=32)  # the article's 32x32 mismatch, caught up front
 
 
-@pytest.mark.skipif(pool_kernel.library() is None, reason="the pool kernel cannot be built here")
-def test_seed_cnn_channels_last_runs_the_fused_pool_kernel(monkeypatch):
+@pytest.mark.skipif(kernels.library() is None, reason="nnlab's kernels cannot be built here")
+@pytest.mark.parametrize("layout,precision", [("contiguous", "fp32"), ("channels_last", "fp32"),
+                                              ("channels_last", "bf16")])
+def test_seed_cnn_runs_nnlabs_kernels(monkeypatch, layout, precision):
+    """Block 1 runs as one fused conv+pool+ReLU; block 2's pool (channels-last by then) fuses its ReLU."""
     calls = []
-    real = pool_kernel.pool2x2
-    monkeypatch.setattr(pool_kernel, "pool2x2", lambda x, relu=False: calls.append(relu) or real(x, relu))
-    model = build_model("seed-cnn").to(memory_format=torch.channels_last)
-    model(example_input("seed-cnn").contiguous(memory_format=torch.channels_last)).sum().backward()
-    assert calls == [True, True]  # both pools, each with its ReLU fused
+    for name in ("conv_pool", "pool2x2"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    model = build_model("seed-cnn").to(memory_format=getattr(torch, "channels_last" if layout == "channels_last"
+                                                             else "contiguous_format"))
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        out = model(example_input("seed-cnn"))
+    out.float().sum().backward()
+    assert calls == ["conv_pool", "pool2x2"]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

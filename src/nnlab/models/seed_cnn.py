@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from nnlab.models import register
-from nnlab.nn import Conv2d, Dense, MaxPool2d
+from nnlab.nn import Conv2d, Dense, MaxPool2d, kernels
 
 
 @dataclass
@@ -53,7 +53,10 @@ class SeedCNN(nn.Module):
             # gradients agree too, so pool first and run ReLU on 4x fewer values, in the same pass
             # as the pooling where the fused kernel applies. At 28x28 these memory-bound ops were
             # a third of a bf16 training step.
-            x = self.pool(self.conv1(x), relu=True)
+            if kernels.supports_conv_pool(x, self.conv1):  # conv1 + pool + ReLU in one pass, on CPU
+                x = kernels.conv_pool(x, self.conv1, relu=True)
+            else:
+                x = self.pool(self.conv1(x), relu=True)
             x = self.pool(self.conv2(x), relu=True)
         return torch.relu(self.fc1(x.flatten(1)))  # (B, 128)
 

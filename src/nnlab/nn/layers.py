@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnlab import ops
-from nnlab.nn import pool_kernel
+from nnlab.nn import kernels
 
 
 class Dense(nn.Linear):
@@ -47,7 +47,7 @@ class MaxPool2d(nn.Module):
     """Non-overlapping k x k max pooling; forward(x, relu=True) also applies ReLU after it.
 
     The fast path runs 2x2 pooling of a channels-last CPU tensor in nnlab's own fused kernel
-    (nn/pool_kernel.py: no int64 indices, no zero-filled gradient, ReLU in the same pass), and
+    (nn/kernels.c: no int64 indices, no zero-filled gradient, ReLU in the same pass), and
     everything else in F.max_pool2d; both give the same values and gradients.
     """
 
@@ -58,8 +58,8 @@ class MaxPool2d(nn.Module):
     def forward(self, x: Tensor, relu: bool = False) -> Tensor:
         if self.explicit:
             y = ops.max_pool2d(x, self.k)
-        elif self.k == 2 and pool_kernel.supports(x):
-            return pool_kernel.pool2x2(x, relu)
+        elif self.k == 2 and kernels.supports(x):
+            return kernels.pool2x2(x, relu)
         else:
             y = F.max_pool2d(x, self.k)
         return torch.relu(y) if relu else y

@@ -1,0 +1,226 @@
+/* nnlab's CPU kernels, for what ATen does slowly on the article's CNN. Loaded by kernels.py.
+
+   1. pool2x2_*: 2x2, stride-2 max pooling fused with an optional ReLU, over channels-last
+      (N, H, W, C) memory.
+   2. conv3x3_pool2x2_*: a 3x3 convolution (padding 1) of a one-channel image, then 2x2 max-pool
+      and an optional ReLU, in one pass (further below).
+
+   ---- 1. pool2x2 ----
+
+   Why by hand: ATen's CPU max-pool writes int64 indices in forward, and its backward zero-fills
+   the whole input gradient before scattering into it. For the article's CNN (64x32x28x28 bf16)
+   those passes cost more than the pooling itself. Here the forward writes one byte per output
+   (which of the 4 window positions won), and the backward writes every input-gradient element
+   exactly once, so nothing is zero-filled. The C loop over channels is contiguous, so the
+   compiler vectorizes it; OpenMP splits the rows among the threads of the OpenMP runtime that
+   torch has already loaded (the same libgomp, so the thread count torch sets applies here too).
+
+   Semantics match F.max_pool2d(x, 2) then torch.relu exactly: the first maximum in the order
+   (0,0), (0,1), (1,0), (1,1) wins ties; a NaN wins over any number (a later NaN over an earlier
+   one, as in ATen's kernel); with relu, an output <= 0 becomes 0 and passes no gradient, while
+   NaN passes through (as torch.relu and its backward do). Code 4 marks "no gradient".
+   H and W must be even; the caller falls back to ATen otherwise. */
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline float f32_to_float(float v) { return v; }
+
+#define POOL_KERNELS(NAME, T, U, TO_FLOAT)                                                            \
+void pool2x2_fwd_##NAME(const T *restrict x, T *restrict y, uint8_t *restrict code,               \
+                        long N, long H, long W, long C, int relu, int threads) {                  \
+    long Ho = H / 2, Wo = W / 2;                                                                   \
+    _Pragma("omp parallel for collapse(2) num_threads(threads)")                                   \
+    for (long n = 0; n < N; n++)                                                                   \
+        for (long i = 0; i < Ho; i++)                                                              \
+            for (long j = 0; j < Wo; j++) {                                                        \
+                const T *p0 = x + ((n * H + 2 * i) * W + 2 * j) * C;                               \
+                const T *p1 = p0 + C, *p2 = p0 + W * C, *p3 = p2 + C;                              \
+                long o = ((n * Ho + i) * Wo + j) * C;                                              \
+                for (long c = 0; c < C; c++) {                                                     \
+                    float m = TO_FLOAT(p0[c]), v;                                                  \
+                    T out = p0[c];                                                                 \
+                    uint8_t k = 0;                                                                 \
+                    v = TO_FLOAT(p1[c]); if (v > m || v != v) { m = v; out = p1[c]; k = 1; }       \
+                    v = TO_FLOAT(p2[c]); if (v > m || v != v) { m = v; out = p2[c]; k = 2; }       \
+                    v = TO_FLOAT(p3[c]); if (v > m || v != v) { m = v; out = p3[c]; k = 3; }       \
+                    if (relu && m <= 0.0f) { out = (T)0; k = 4; }                                  \
+                    y[o + c] = out;                                                                \
+                    code[o + c] = k;                                                               \
+                }                                                                                  \
+            }                                                                                      \
+}                                                                                                  \
+                                                                                                   \
+void pool2x2_bwd_##NAME(const U *restrict gy, const uint8_t *restrict code, U *restrict gx,       \
+                        long N, long H, long W, long C, int threads) {                            \
+    long Ho = H / 2, Wo = W / 2;                                                                   \
+    _Pragma("omp parallel for collapse(2) num_threads(threads)")                                   \
+    for (long n = 0; n < N; n++)                                                                   \
+        for (long i = 0; i < Ho; i++)                                                              \
+            for (long j = 0; j < Wo; j++) {                                                        \
+                U *restrict q0 = gx + ((n * H + 2 * i) * W + 2 * j) * C;                           \
+                U *restrict q1 = q0 + C, *restrict q2 = q0 + W * C, *restrict q3 = q2 + C;         \
+                long o = ((n * Ho + i) * Wo + j) * C;                                              \
+                for (long c = 0; c < C; c++) {                                                     \
+                    U g = gy[o + c], k = code[o + c];  /* on the bits: a mask of all ones or 0 */  \
+                    q0[c] = g & -(U)(k == 0);                                                      \
+                    q1[c] = g & -(U)(k == 1);                                                      \
+                    q2[c] = g & -(U)(k == 2);                                                      \
+                    q3[c] = g & -(U)(k == 3);                                                      \
+                }                                                                                  \
+            }                                                                                      \
+}
+
+POOL_KERNELS(bf16, uint16_t, uint16_t, bf16_to_float)  /* bf16 as its bits: (T)0 is +0.0 */
+POOL_KERNELS(f32, float, uint32_t, f32_to_float)
+
+/* ---- 2. conv3x3_pool2x2 ----
+
+   The article's first block, conv 1->C (3x3, pad 1) -> max-pool 2 -> ReLU, as one kernel. With one
+   input channel the convolution is 9 multiply-adds per output, so ATen's version is all memory
+   traffic: it writes the (N, C, H, W) conv output (3.2 MB in bf16 for the article's batch), reads it
+   to pool, and in backward writes its gradient back at full size to compute a 3x3 weight gradient.
+   Here only the pooled (N, H/2, W/2, C) output and the 1-byte winner codes are written, and the
+   weight gradient is summed straight from the pooled gradient: the winner's 3x3 input patch times
+   its gradient. The input gradient is not computed (the caller uses this only when the input needs
+   none).
+
+   xpad: the input, zero-padded to (N, H+2, W+2), already rounded to bf16 by the caller in bf16 mode;
+   w: weights as (9, C), tap-major; b: bias (C). In bf16 mode each conv output is rounded to bf16
+   (round to nearest even) before the max, as a bf16 convolution's output is. Float accumulation
+   order differs from oneDNN's, so values agree to rounding, not bit for bit. */
+/* The 4x4 input region under one 2x2 pooling window holds the 4 windows' 3x3 patches. */
+static inline void patches(const float *xpad, long Wp, float p[4][9]) {
+    for (int k = 0; k < 4; k++)
+        for (int r = 0; r < 3; r++)
+            for (int s = 0; s < 3; s++)
+                p[k][3 * r + s] = xpad[(k / 2 + r) * Wp + (k % 2) + s];
+}
+
+/* The conv kernels work on 16 channels at a time in GCC vector types: four 16-float accumulators
+   (one per window position) stay in registers through the 9 taps. Written as plain loops over c,
+   the compiler kept them in memory and ran 4-6x slower. C must be a multiple of 16 (kernels.py
+   checks). On CPUs without 512-bit vectors the compiler splits each operation in two. */
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));  /* 16 bf16 bit patterns */
+typedef uint8_t vb __attribute__((vector_size(16)));   /* 16 winner codes */
+#define LANES 16
+
+static inline vf load16(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf select16(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline vi iselect16(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
+
+static inline vf round_bf16_16(vf f) {  /* to the nearest bf16, ties to even; a NaN stays NaN */
+    vi u = (vi)f;
+    vi r = (u + 0x7fff + ((u >> 16) & 1)) & (int32_t)0xffff0000u;
+    vi nan = (u & 0x7fffffff) > 0x7f800000;
+    return (vf)iselect16(nan, (u | 0x00400000) & (int32_t)0xffff0000u, r);
+}
+
+/* One pooling window (a 4x4 input region), 16 channels from c0: 4 conv outputs, max, winner. */
+static inline void fwd_window(const float p[4][9], const float *restrict w, const float *restrict b, long C,
+                              long c0, void *restrict y, uint8_t *restrict code, int bf16, int relu) {
+    vf v[4], u[4];  /* two partial sums per position: 8 independent chains of multiply-adds */
+    for (int k = 0; k < 4; k++) v[k] = load16(b + c0), u[k] = (vf){0};
+    for (int t = 0; t < 9; t++) {
+        vf wt = load16(w + t * C + c0);
+        for (int k = 0; k < 4; k++) {
+            if (t % 2) u[k] += wt * p[k][t];
+            else v[k] += wt * p[k][t];
+        }
+    }
+    for (int k = 0; k < 4; k++) v[k] += u[k];
+    if (bf16)
+        for (int k = 0; k < 4; k++) v[k] = round_bf16_16(v[k]);
+    vf m = v[0];
+    vi kk = (vi){0};
+    for (int k = 1; k < 4; k++) {
+        vi win = (v[k] > m) | (v[k] != v[k]);  /* first max wins; a NaN wins */
+        m = select16(win, v[k], m);
+        kk = iselect16(win, (vi){0} + k, kk);
+    }
+    if (relu) {
+        vi off = m <= 0.0f;
+        m = select16(off, (vf){0}, m);
+        kk = iselect16(off, (vi){0} + 4, kk);
+    }
+    vb codes = __builtin_convertvector(kk, vb);
+    memcpy(code + c0, &codes, sizeof codes);
+    if (bf16) {
+        vh bits = __builtin_convertvector((vi)m >> 16, vh);  /* exact: m holds bf16 values already */
+        memcpy((uint16_t *)y + c0, &bits, sizeof bits);
+    } else {
+        store16((float *)y + c0, m);
+    }
+}
+
+void conv3x3_pool2x2_fwd(const float *restrict xpad, const float *restrict w, const float *restrict b,
+                         void *restrict y, uint8_t *restrict code, long N, long H, long W, long C,
+                         int bf16, int relu, int threads) {
+    long Ho = H / 2, Wo = W / 2, Wp = W + 2, size = bf16 ? 2 : 4;
+    _Pragma("omp parallel for collapse(2) num_threads(threads)")
+    for (long n = 0; n < N; n++)
+        for (long i = 0; i < Ho; i++)
+            for (long j = 0; j < Wo; j++) {
+                float p[4][9];
+                patches(xpad + (n * (H + 2) + 2 * i) * Wp + 2 * j, Wp, p);
+                long o = ((n * Ho + i) * Wo + j) * C;
+                for (long c0 = 0; c0 < C; c0 += LANES)
+                    fwd_window(p, w, b, C, c0, (char *)y + o * size, code + o, bf16, relu);
+            }
+}
+
+/* One window's share of the weight and bias gradients, 16 channels from c0: the winner's 3x3
+   patch times its gradient, added to this thread's partial sums tw (9, C) and tb (C). */
+static inline void bwd_window(const float p[4][9], const void *restrict gy, const uint8_t *restrict code,
+                              long C, long c0, int bf16, float *restrict tw, float *restrict tb) {
+    vf g;
+    if (bf16) {
+        vh bits;
+        memcpy(&bits, (const uint16_t *)gy + c0, sizeof bits);
+        g = (vf)(__builtin_convertvector(bits, vi) << 16);
+    } else {
+        g = load16((const float *)gy + c0);
+    }
+    vb codes;
+    memcpy(&codes, code + c0, sizeof codes);
+    vi k = __builtin_convertvector(codes, vi);
+    vf gk[4];
+    for (int kk = 0; kk < 4; kk++) gk[kk] = select16(k == kk, g, (vf){0});
+    store16(tb + c0, load16(tb + c0) + select16(k < 4, g, (vf){0}));
+    for (int t = 0; t < 9; t++) {
+        vf acc = gk[0] * p[0][t] + gk[1] * p[1][t] + gk[2] * p[2][t] + gk[3] * p[3][t];
+        store16(tw + t * C + c0, load16(tw + t * C + c0) + acc);
+    }
+}
+
+/* gw: (threads, 9, C) and gb: (threads, C) zeroed partial sums, one slice per thread; the caller
+   adds the slices. gy: the pooled output's gradient, channels-last, bf16 or fp32. */
+void conv3x3_pool2x2_bwd(const void *restrict gy, const uint8_t *restrict code, const float *restrict xpad,
+                         float *restrict gw, float *restrict gb, long N, long H, long W, long C,
+                         int bf16, int threads) {
+    long Ho = H / 2, Wo = W / 2, Wp = W + 2, size = bf16 ? 2 : 4;
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        float *restrict tw = gw + (long)omp_get_thread_num() * 9 * C;
+        float *restrict tb = gb + (long)omp_get_thread_num() * C;
+        _Pragma("omp for collapse(2)")
+        for (long n = 0; n < N; n++)
+            for (long i = 0; i < Ho; i++)
+                for (long j = 0; j < Wo; j++) {
+                    float p[4][9];
+                    patches(xpad + (n * (H + 2) + 2 * i) * Wp + 2 * j, Wp, p);
+                    long o = ((n * Ho + i) * Wo + j) * C;
+                    for (long c0 = 0; c0 < C; c0 += LANES)
+                        bwd_window(p, (const char *)gy + o * size, code + o, C, c0, bf16, tw, tb);
+                }
+    }
+}

@@ -1,0 +1,204 @@
+"""nnlab's own CPU kernels for the article's CNN, built with the system's C compiler.
+
+Two kernels, both for the memory-bound work around seed-cnn's convolutions (kernels.c says why
+ATen is slow there):
+- `pool2x2(x, relu)`: F.max_pool2d(x, 2), then torch.relu when relu=True, for channels-last
+  tensors; the same values and gradients bit for bit, ties and NaNs included. `supports(x)`.
+- `conv_pool(x, conv, relu)`: max_pool2d(conv(x), 2) (then ReLU) for a one-channel 3x3 convolution,
+  in one pass that never writes the full-size conv output; equal to the unfused path up to float
+  rounding, in fp32 and under bf16 autocast. `supports_conv_pool(x, conv)`; it declines inputs
+  that need a gradient (attacks and saliency then take the unfused path).
+tests/test_kernels.py compares each with ATen. Callers use ATen whenever `supports*` says no.
+
+kernels.c is compiled on first use into the user's cache folder and loaded with ctypes: a plain C
+file needs no torch headers, so it builds in about a second. The build is keyed by the source, the
+flags and the CPU (it uses -march=native), so a cache folder shared between machines never loads a
+binary built for another processor. Without a C compiler, or with NNLAB_NO_KERNELS=1 set, every
+`supports*` is False and nothing changes but speed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_TYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_state: dict = {}
+
+
+def _cpu_id() -> str:
+    """The processor's name and feature flags: what -march=native compiles for."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    first = {}
+    for line in lines:
+        first.setdefault(line.split(":")[0].strip(), line)
+    return first.get("model name", "") + first.get("flags", "")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "nnlab" / "kernels"
+
+
+def _build() -> ctypes.CDLL | None:
+    """Compile (once per source/CPU) and load the kernel; None, with the reason kept, if that fails."""
+    if os.environ.get("NNLAB_NO_KERNELS"):
+        _state["why"] = "NNLAB_NO_KERNELS is set"
+        return None
+    if platform.system() != "Linux" or not torch.backends.openmp.is_available():
+        _state["why"] = "needs Linux and torch built with OpenMP"
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        _state["why"] = "no C compiler found"
+        return None
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"kernels-{key}.so"
+    try:
+        try:
+            dll = ctypes.CDLL(str(lib))
+        except OSError:  # not built yet, or a damaged file: (re)build it
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # build beside, then rename: atomic
+                out = Path(tmp) / lib.name
+                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True, timeout=120)
+                os.replace(out, lib)
+            dll = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or str(e) or type(e).__name__
+        detail = detail.decode(errors="replace") if isinstance(detail, bytes) else detail
+        _state["why"] = f"build or load failed ({detail.strip().splitlines()[0] if detail.strip() else e})"
+        return None
+    L, I, P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+    for name in _TYPES.values():
+        getattr(dll, f"pool2x2_fwd_{name}").argtypes = [P, P, P, L, L, L, L, I, I]
+        getattr(dll, f"pool2x2_bwd_{name}").argtypes = [P, P, P, L, L, L, L, I]
+    dll.conv3x3_pool2x2_fwd.argtypes = [P, P, P, P, P, L, L, L, L, I, I, I]
+    dll.conv3x3_pool2x2_bwd.argtypes = [P, P, P, P, P, L, L, L, L, I, I]
+    _state["why"] = f"built {lib}"
+    return dll
+
+
+def library() -> ctypes.CDLL | None:
+    if "lib" not in _state:
+        _state["lib"] = _build()
+    return _state["lib"]
+
+
+def status() -> str:
+    """Why the kernel is or is not in use (for logs and the benchmark report)."""
+    library()
+    return _state["why"]
+
+
+def supports(x: Tensor) -> bool:
+    """A 4-D CPU bf16/fp32 channels-last tensor with even H and W, outside torch.compile and jit tracing."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()  # a ctypes call can't be traced
+            and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _TYPES
+            and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.numel() > 0
+            and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
+
+
+class _Pool2x2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, relu: bool) -> Tensor:
+        N, C, H, W = x.shape
+        y = torch.empty((N, C, H // 2, W // 2), dtype=x.dtype, memory_format=torch.channels_last)
+        code = torch.empty((N, C, H // 2, W // 2), dtype=torch.uint8, memory_format=torch.channels_last)
+        getattr(library(), f"pool2x2_fwd_{_TYPES[x.dtype]}")(
+            x.data_ptr(), y.data_ptr(), code.data_ptr(), N, H, W, C, int(relu), torch.get_num_threads())
+        ctx.save_for_backward(code)
+        ctx.shape = x.shape
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy: Tensor):
+        (code,) = ctx.saved_tensors
+        N, C, H, W = ctx.shape
+        gy = gy.contiguous(memory_format=torch.channels_last)
+        gx = torch.empty(ctx.shape, dtype=gy.dtype, memory_format=torch.channels_last)
+        getattr(library(), f"pool2x2_bwd_{_TYPES[gy.dtype]}")(
+            gy.data_ptr(), code.data_ptr(), gx.data_ptr(), N, H, W, C, torch.get_num_threads())
+        return gx, None
+
+
+def pool2x2(x: Tensor, relu: bool = False) -> Tensor:
+    """max_pool2d(x, 2) (then ReLU if relu) on a tensor that `supports` accepts."""
+    return _Pool2x2.apply(x, relu)
+
+
+# ---- conv 1->C (3x3, pad 1) + 2x2 max-pool + ReLU in one pass ---------------------------------------
+
+def _autocast_mode() -> str | None:
+    """'bf16' under CPU bf16 autocast, 'fp32' outside autocast, None for anything else (fp16)."""
+    if not torch.is_autocast_enabled("cpu"):
+        return "fp32"
+    return "bf16" if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+
+
+def supports_conv_pool(x: Tensor, conv: torch.nn.Conv2d) -> bool:
+    """x (N, 1, H, W) fp32 on CPU, H and W even, no gradient wanted for x; conv 1->C (C a multiple
+    of 16: the kernel's vector width), 3x3, pad 1; outside autocast or under CPU bf16 autocast."""
+    w = conv.weight
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == 1 and x.dtype == torch.float32
+            and not x.requires_grad and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.numel() > 0
+            and w.device.type == "cpu" and w.dtype == torch.float32 and tuple(w.shape[1:]) == (1, 3, 3)
+            and w.shape[0] % 16 == 0 and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and _autocast_mode() is not None and library() is not None)
+
+
+class _Conv3x3Pool2x2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, bf16: bool, relu: bool) -> Tensor:
+        N, _, H, W = x.shape
+        C = weight.shape[0]
+        # bf16 mode sees the inputs a bf16 convolution sees: x, W and b rounded to bf16.
+        cast = (lambda t: t.detach().to(torch.bfloat16).float()) if bf16 else (lambda t: t.detach())
+        xpad = torch.nn.functional.pad(cast(x).reshape(N, H, W), (1, 1, 1, 1)).contiguous()
+        w = cast(weight).reshape(C, 9).t().contiguous()  # (9, C): tap-major, channels contiguous
+        b = cast(bias).contiguous() if bias is not None else torch.zeros(C)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        y = torch.empty((N, C, H // 2, W // 2), dtype=dtype, memory_format=torch.channels_last)
+        code = torch.empty((N, C, H // 2, W // 2), dtype=torch.uint8, memory_format=torch.channels_last)
+        library().conv3x3_pool2x2_fwd(xpad.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), code.data_ptr(),
+                                      N, H, W, C, int(bf16), int(relu), torch.get_num_threads())
+        ctx.save_for_backward(xpad, code)
+        ctx.bf16, ctx.has_bias, ctx.dims = bf16, bias is not None, (N, H, W, C)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy: Tensor):
+        xpad, code = ctx.saved_tensors
+        N, H, W, C = ctx.dims
+        gy = gy.to(torch.bfloat16 if ctx.bf16 else torch.float32).contiguous(memory_format=torch.channels_last)
+        threads = torch.get_num_threads()
+        gw, gb = torch.zeros(threads, 9, C), torch.zeros(threads, C)  # one partial sum per thread
+        library().conv3x3_pool2x2_bwd(gy.data_ptr(), code.data_ptr(), xpad.data_ptr(), gw.data_ptr(), gb.data_ptr(),
+                                      N, H, W, C, int(ctx.bf16), threads)
+        gw = gw.sum(0).t().reshape(C, 1, 3, 3)
+        return None, gw, gb.sum(0) if ctx.has_bias else None, None, None
+
+
+def conv_pool(x: Tensor, conv: torch.nn.Conv2d, relu: bool = True) -> Tensor:
+    """max_pool2d(conv(x), 2), then ReLU if relu, for inputs `supports_conv_pool` accepts; the
+    output is channels-last, bf16 under bf16 autocast (as the convolution's output would be)."""
+    return _Conv3x3Pool2x2.apply(x, conv.weight, conv.bias, _autocast_mode() == "bf16", relu)

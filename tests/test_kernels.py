@@ -1,0 +1,202 @@
+"""The fused 2x2 max-pool (+ReLU) kernel against F.max_pool2d and torch.relu: values and gradients, bit for bit."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnlab.nn import MaxPool2d, kernels
+
+needs_kernel = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                  reason="no C compiler: the kernel cannot be built here")
+
+
+def reference(x, relu):
+    y = F.max_pool2d(x, 2)
+    return torch.relu(y) if relu else y
+
+
+def hard_input(dtype, shape=(5, 16, 10, 12)):
+    """Integers in [-3, 3] (ties in most windows, zeros, negatives) and NaNs, one pair in a window."""
+    torch.manual_seed(0)
+    x = torch.randint(-3, 4, shape).to(dtype)
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 2, 2, 0] = x[1, 2, 3, 1] = float("nan")
+    x[2, 3, 4:6, 4:6] = -2.0  # a window that is all ties, all negative
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("relu", [False, True])
+def test_kernel_matches_aten_values_and_gradients_exactly(dtype, relu):
+    assert kernels.library() is not None, kernels.status()
+    x = hard_input(dtype)
+    assert kernels.supports(x)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = reference(xa, relu), kernels.pool2x2(xb, relu)
+    g = torch.randn(ya.shape).to(dtype)
+    ya.backward(g), yb.backward(g)
+    assert yb.is_contiguous(memory_format=torch.channels_last) and yb.dtype == dtype
+    assert torch.equal(ya.isnan(), yb.isnan()) and torch.equal(ya.nan_to_num(), yb.nan_to_num())
+    # the winner of every window (first max, a NaN over numbers) gets the gradient, as in ATen
+    assert torch.equal(xa.grad, xb.grad)
+
+
+@needs_kernel
+def test_kernel_with_one_thread_and_a_non_channels_last_gradient():
+    x = hard_input(torch.float32).requires_grad_()
+    torch_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y = kernels.pool2x2(x, True)
+    finally:
+        torch.set_num_threads(torch_threads)
+    g = torch.randn(y.shape)  # NCHW-contiguous: the backward must read it through its strides
+    y.backward(g)
+    xr = x.detach().clone().requires_grad_()
+    reference(xr, True).backward(g)
+    assert torch.equal(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("x", [
+    torch.randn(2, 4, 8, 8),  # NCHW memory
+    torch.randn(2, 4, 7, 8).contiguous(memory_format=torch.channels_last),  # odd H
+    torch.randn(2, 4, 8, 8).to(torch.float16).contiguous(memory_format=torch.channels_last),
+    torch.randint(0, 9, (2, 4, 8, 8)).contiguous(memory_format=torch.channels_last),
+])
+def test_tensors_the_kernel_does_not_take_go_to_aten(x):
+    assert not kernels.supports(x)
+    for relu in (False, True):
+        assert torch.equal(MaxPool2d(2)(x, relu=relu), reference(x, relu))
+
+
+def test_no_kernels_switch_leaves_aten_in_charge():
+    code = ("from nnlab.nn import kernels as k; import torch; "
+            "x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last); "
+            "print(k.supports(x), k.status())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NNLAB_NO_KERNELS": "1"}).stdout
+    assert out.strip() == "False NNLAB_NO_KERNELS is set"
+
+
+@needs_kernel
+def test_a_damaged_cached_library_is_rebuilt(tmp_path):
+    """Each load in a fresh process, as for a user: a process must never rewrite a library it has loaded."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    code = "from nnlab.nn import kernels as k; print(k.library() is not None, k.status())"
+
+    def load():
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+
+    assert load().startswith("True built")
+    (built,) = (tmp_path / "nnlab" / "kernels").glob("kernels-*.so")
+    built.write_bytes(b"not an ELF file")
+    assert load().startswith("True built")
+    assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+@needs_kernel
+def test_traced_and_compiled_models_use_aten_and_agree_with_the_kernel():
+    """Neither torch.jit.trace nor torch.compile can see into a ctypes call: both must take ATen's pool."""
+    from nnlab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("seed-cnn").to(memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    eager = model(x)
+    traced = torch.jit.trace(model, x, check_trace=False)
+    assert "aten::max_pool2d" in str(traced.inlined_graph)
+    assert torch.allclose(traced(x), eager, atol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no break at the kernel
+    assert torch.allclose(compiled(x), eager, atol=1e-5)
+
+
+# ---- conv 1->C (3x3) + max-pool + ReLU in one pass -------------------------------------------------
+
+def conv_reference(x, conv, relu):
+    y = F.max_pool2d(conv(x), 2)
+    return torch.relu(y) if relu else y
+
+
+def conv_grads(fn, x, conv, g):
+    conv.zero_grad(set_to_none=True)
+    y = fn(x, conv)
+    y.backward(g.to(y.dtype))
+    return y.detach(), conv.weight.grad.clone(), conv.bias.grad.clone()
+
+
+@needs_kernel
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_conv_pool_matches_conv_then_pool(relu, bf16):
+    from nnlab.nn import Conv2d
+
+    torch.manual_seed(0)
+    conv, x = Conv2d(1, 32, 3, padding=1), torch.randn(6, 1, 12, 10)
+    g = torch.randn(6, 32, 6, 5)
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        assert kernels.supports_conv_pool(x, conv)
+        ya, gwa, gba = conv_grads(lambda x, c: conv_reference(x, c, relu), x, conv, g)
+        yb, gwb, gbb = conv_grads(lambda x, c: kernels.conv_pool(x, c, relu), x, conv, g)
+    assert yb.dtype == ya.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert yb.is_contiguous(memory_format=torch.channels_last)
+    # fp32: the same sums in another order. bf16: each conv output rounded to bf16 as oneDNN's is;
+    # the reference's weight gradient is itself rounded to bf16, this kernel's is summed in fp32.
+    tol = dict(atol=1e-2, rtol=1e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(yb, ya, **tol)
+    torch.testing.assert_close(gwb, gwa, **tol)
+    torch.testing.assert_close(gbb, gba, **tol)
+    if bf16:  # most outputs agree bit for bit; a broken rounding would move far more of them
+        assert (yb == ya).float().mean() > 0.99
+
+
+@needs_kernel
+def test_conv_pool_ties_and_nans_follow_aten():
+    """Zero weights make all four positions of every window tie (the first must win, as in ATen),
+    and a NaN pixel must make its windows NaN."""
+    from nnlab.nn import Conv2d
+
+    conv = Conv2d(1, 16, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.zero_()
+    x = torch.randn(2, 1, 8, 8)
+    x[1, 0, 3, 4] = float("nan")
+    g = torch.randn(2, 16, 4, 4)
+    ya, gwa, gba = conv_grads(lambda x, c: conv_reference(x, c, False), x, conv, g)
+    yb, gwb, gbb = conv_grads(lambda x, c: kernels.conv_pool(x, c, False), x, conv, g)
+    assert torch.equal(ya.isnan(), yb.isnan()) and ya.isnan().any()
+    assert torch.equal(ya.nan_to_num(), yb.nan_to_num())
+    assert torch.equal(gwa.isnan(), gwb.isnan())
+    torch.testing.assert_close(gwb.nan_to_num(), gwa.nan_to_num())
+    torch.testing.assert_close(gbb, gba)
+
+
+def test_conv_pool_declines_what_it_does_not_compute():
+    from nnlab.nn import Conv2d
+
+    conv, x = Conv2d(1, 32, 3, padding=1), torch.randn(2, 1, 8, 8)
+    assert not kernels.supports_conv_pool(x.clone().requires_grad_(), conv)  # no input gradient here
+    assert not kernels.supports_conv_pool(torch.randn(2, 1, 7, 8), conv)  # odd height
+    assert not kernels.supports_conv_pool(torch.randn(2, 3, 8, 8), Conv2d(3, 32, 3, padding=1))
+    assert not kernels.supports_conv_pool(x, Conv2d(1, 24, 3, padding=1))  # not a multiple of 16
+    assert not kernels.supports_conv_pool(x, Conv2d(1, 32, 3, stride=2, padding=1))
+    assert not kernels.supports_conv_pool(x, Conv2d(1, 32, 5, padding=2))
+    with torch.autocast("cpu", torch.float16):
+        assert not kernels.supports_conv_pool(x, conv)
+
+
+def test_seed_cnn_input_gradients_still_flow():
+    """Attacks and saliency need d(loss)/d(input): seed-cnn must then take the unfused path."""
+    from nnlab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("seed-cnn")
+    x = torch.randn(3, 1, 28, 28, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
