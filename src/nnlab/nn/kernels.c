@@ -32,7 +32,39 @@ static inline float bf16_to_float(uint16_t v) {
 }
 static inline float f32_to_float(float v) { return v; }
 
+/* One output pixel's C channels. The drivers below call these with C as a literal for the common
+   widths, so the channel loop compiles to whole vectors: with C known only at run time, gcc's
+   vector loop ran only for C >= 32 and a scalar remainder loop did the rest, which made
+   fmnist-speedrun's C=16 pooling slower than ATen's. */
 #define POOL_KERNELS(NAME, T, U, TO_FLOAT)                                                            \
+static inline __attribute__((always_inline)) void pool_fwd_px_##NAME(                             \
+        const T *restrict p0, const T *restrict p1, const T *restrict p2, const T *restrict p3,      \
+        T *restrict y, uint8_t *restrict code, long C, int relu) {                                 \
+    for (long c = 0; c < C; c++) {                                                                 \
+        float m = TO_FLOAT(p0[c]), v;                                                              \
+        T out = p0[c];                                                                             \
+        uint8_t k = 0;                                                                             \
+        v = TO_FLOAT(p1[c]); if (v > m || v != v) { m = v; out = p1[c]; k = 1; }                   \
+        v = TO_FLOAT(p2[c]); if (v > m || v != v) { m = v; out = p2[c]; k = 2; }                   \
+        v = TO_FLOAT(p3[c]); if (v > m || v != v) { m = v; out = p3[c]; k = 3; }                   \
+        if (relu && m <= 0.0f) { out = (T)0; k = 4; }                                              \
+        y[c] = out;                                                                                \
+        code[c] = k;                                                                               \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+static inline __attribute__((always_inline)) void pool_bwd_px_##NAME(                             \
+        const U *restrict g, const uint8_t *restrict code, U *restrict q0, U *restrict q1,          \
+        U *restrict q2, U *restrict q3, long C) {                                                  \
+    for (long c = 0; c < C; c++) {                                                                 \
+        U v = g[c], k = code[c];  /* on the bits: v & a mask of all ones or of zeros */            \
+        q0[c] = v & -(U)(k == 0);                                                                  \
+        q1[c] = v & -(U)(k == 1);                                                                  \
+        q2[c] = v & -(U)(k == 2);                                                                  \
+        q3[c] = v & -(U)(k == 3);                                                                  \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
 void pool2x2_fwd_##NAME(const T *restrict x, T *restrict y, uint8_t *restrict code,               \
                         long N, long H, long W, long C, int relu, int threads) {                  \
     long Ho = H / 2, Wo = W / 2;                                                                   \
@@ -43,17 +75,10 @@ void pool2x2_fwd_##NAME(const T *restrict x, T *restrict y, uint8_t *restrict co
                 const T *p0 = x + ((n * H + 2 * i) * W + 2 * j) * C;                               \
                 const T *p1 = p0 + C, *p2 = p0 + W * C, *p3 = p2 + C;                              \
                 long o = ((n * Ho + i) * Wo + j) * C;                                              \
-                for (long c = 0; c < C; c++) {                                                     \
-                    float m = TO_FLOAT(p0[c]), v;                                                  \
-                    T out = p0[c];                                                                 \
-                    uint8_t k = 0;                                                                 \
-                    v = TO_FLOAT(p1[c]); if (v > m || v != v) { m = v; out = p1[c]; k = 1; }       \
-                    v = TO_FLOAT(p2[c]); if (v > m || v != v) { m = v; out = p2[c]; k = 2; }       \
-                    v = TO_FLOAT(p3[c]); if (v > m || v != v) { m = v; out = p3[c]; k = 3; }       \
-                    if (relu && m <= 0.0f) { out = (T)0; k = 4; }                                  \
-                    y[o + c] = out;                                                                \
-                    code[o + c] = k;                                                               \
-                }                                                                                  \
+                if (C == 16) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 16, relu);        \
+                else if (C == 32) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 32, relu);   \
+                else if (C == 64) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 64, relu);   \
+                else pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, C, relu);                 \
             }                                                                                      \
 }                                                                                                  \
                                                                                                    \
@@ -64,16 +89,13 @@ void pool2x2_bwd_##NAME(const U *restrict gy, const uint8_t *restrict code, U *r
     for (long n = 0; n < N; n++)                                                                   \
         for (long i = 0; i < Ho; i++)                                                              \
             for (long j = 0; j < Wo; j++) {                                                        \
-                U *restrict q0 = gx + ((n * H + 2 * i) * W + 2 * j) * C;                           \
-                U *restrict q1 = q0 + C, *restrict q2 = q0 + W * C, *restrict q3 = q2 + C;         \
+                U *q0 = gx + ((n * H + 2 * i) * W + 2 * j) * C;                                    \
+                U *q1 = q0 + C, *q2 = q0 + W * C, *q3 = q2 + C;                                    \
                 long o = ((n * Ho + i) * Wo + j) * C;                                              \
-                for (long c = 0; c < C; c++) {                                                     \
-                    U g = gy[o + c], k = code[o + c];  /* on the bits: a mask of all ones or 0 */  \
-                    q0[c] = g & -(U)(k == 0);                                                      \
-                    q1[c] = g & -(U)(k == 1);                                                      \
-                    q2[c] = g & -(U)(k == 2);                                                      \
-                    q3[c] = g & -(U)(k == 3);                                                      \
-                }                                                                                  \
+                if (C == 16) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 16);             \
+                else if (C == 32) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 32);        \
+                else if (C == 64) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 64);        \
+                else pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, C);                      \
             }                                                                                      \
 }
 
@@ -105,10 +127,11 @@ static inline void patches(const float *xpad, long Wp, float p[4][9]) {
 
 /* The conv kernels work on 16 channels at a time in GCC vector types: four 16-float accumulators
    (one per window position) stay in registers through the 9 taps. Written as plain loops over c,
-   the compiler kept them in memory and ran 4-6x slower. C must be a multiple of 16 (kernels.py
+   the compiler kept them in memory, and the kernels ran 3x (forward) and 7x (backward) slower. C must be a multiple of 16 (kernels.py
    checks). On CPUs without 512-bit vectors the compiler splits each operation in two. */
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));  /* 16 bf16 bit patterns */
 typedef uint8_t vb __attribute__((vector_size(16)));   /* 16 winner codes */
 #define LANES 16
@@ -119,10 +142,10 @@ static inline vf select16(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((
 static inline vi iselect16(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
 
 static inline vf round_bf16_16(vf f) {  /* to the nearest bf16, ties to even; a NaN stays NaN */
-    vi u = (vi)f;
-    vi r = (u + 0x7fff + ((u >> 16) & 1)) & (int32_t)0xffff0000u;
-    vi nan = (u & 0x7fffffff) > 0x7f800000;
-    return (vf)iselect16(nan, (u | 0x00400000) & (int32_t)0xffff0000u, r);
+    vu u = (vu)f;  /* unsigned: the carry into the exponent must wrap, not overflow */
+    vu r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    vi nan = (vi)((u & 0x7fffffffu) > 0x7f800000u);
+    return (vf)iselect16(nan, (vi)((u | 0x00400000u) & 0xffff0000u), (vi)r);
 }
 
 /* One pooling window (a 4x4 input region), 16 channels from c0: 4 conv outputs, max, winner. */
