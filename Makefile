@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
-# nnlab vs its baselines, side by side on this machine (~36 min on 2 cores: 3 repeats); bench-quick is a smoke run.
+# nnlab vs its baselines, side by side on this machine (~45 min on 2 cores: 3 repeats); bench-quick is a smoke run.
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py --json benchmarks/results.json
 
