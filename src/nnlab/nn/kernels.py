@@ -109,12 +109,17 @@ def status() -> str:
     return _state["why"]
 
 
+def _poolable(x: Tensor) -> bool:
+    """Eager (a ctypes call can't be traced by torch.compile or jit), a non-empty 4-D CPU tensor with
+    even H and W, and the kernels built: what both kernels need."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
+            and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and library() is not None)
+
+
 def supports(x: Tensor) -> bool:
-    """A 4-D CPU bf16/fp32 channels-last tensor with even H and W, outside torch.compile and jit tracing."""
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()  # a ctypes call can't be traced
-            and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _TYPES
-            and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.numel() > 0
-            and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
+    """A bf16/fp32 channels-last tensor that `_poolable` accepts."""
+    return x.dtype in _TYPES and x.is_contiguous(memory_format=torch.channels_last) and _poolable(x)
 
 
 class _Pool2x2(torch.autograd.Function):
@@ -159,13 +164,11 @@ def supports_conv_pool(x: Tensor, conv: torch.nn.Conv2d) -> bool:
     """x (N, 1, H, W) fp32 on CPU, H and W even, no gradient wanted for x; conv 1->C (C a multiple
     of 16: the kernel's vector width), 3x3, pad 1; outside autocast or under CPU bf16 autocast."""
     w = conv.weight
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == 1 and x.dtype == torch.float32
-            and not x.requires_grad and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.numel() > 0
+    return (x.dtype == torch.float32 and not x.requires_grad and x.shape[1:2] == (1,)
             and w.device.type == "cpu" and w.dtype == torch.float32 and tuple(w.shape[1:]) == (1, 3, 3)
             and w.shape[0] % 16 == 0 and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and _autocast_mode() is not None and library() is not None)
+            and _autocast_mode() is not None and _poolable(x))
 
 
 class _Conv3x3Pool2x2(torch.autograd.Function):
