@@ -119,7 +119,7 @@ def _poolable(x: Tensor) -> bool:
 
 def supports(x: Tensor) -> bool:
     """A bf16/fp32 channels-last tensor that `_poolable` accepts."""
-    return x.dtype in _TYPES and x.is_contiguous(memory_format=torch.channels_last) and _poolable(x)
+    return _poolable(x) and x.dtype in _TYPES and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class _Pool2x2(torch.autograd.Function):
@@ -164,11 +164,12 @@ def supports_conv_pool(x: Tensor, conv: torch.nn.Conv2d) -> bool:
     """x (N, 1, H, W) fp32 on CPU, H and W even, no gradient wanted for x; conv 1->C (C a multiple
     of 16: the kernel's vector width), 3x3, pad 1; outside autocast or under CPU bf16 autocast."""
     w = conv.weight
-    return (x.dtype == torch.float32 and not x.requires_grad and x.shape[1:2] == (1,)
+    return (_poolable(x)  # first: under jit tracing nothing below is looked at
+            and x.dtype == torch.float32 and not x.requires_grad and x.shape[1:2] == (1,)
             and w.device.type == "cpu" and w.dtype == torch.float32 and tuple(w.shape[1:]) == (1, 3, 3)
             and w.shape[0] % 16 == 0 and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and _autocast_mode() is not None and _poolable(x))
+            and _autocast_mode() is not None)
 
 
 class _Conv3x3Pool2x2(torch.autograd.Function):
