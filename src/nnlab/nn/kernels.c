@@ -19,7 +19,10 @@
    (0,0), (0,1), (1,0), (1,1) wins ties; a NaN wins over any number (a later NaN over an earlier
    one, as in ATen's kernel); with relu, an output <= 0 becomes 0 and passes no gradient, while
    NaN passes through (as torch.relu and its backward do). Code 4 marks "no gradient".
-   H and W must be even; the caller falls back to ATen otherwise. */
+   H and W must be even; the caller falls back to ATen otherwise. With flat=1 the output is written
+   in (N, C, H/2, W/2) order, which is .flatten(1) of the pooled tensor, and the backward reads its
+   gradient in that order: flattening a channels-last tensor for a dense layer would copy it, and
+   copy its gradient back. */
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -66,37 +69,57 @@ static inline __attribute__((always_inline)) void pool_bwd_px_##NAME(           
 }                                                                                                  \
                                                                                                    \
 void pool2x2_fwd_##NAME(const T *restrict x, T *restrict y, uint8_t *restrict code,               \
-                        long N, long H, long W, long C, int relu, int threads) {                  \
+                        long N, long H, long W, long C, int relu, int flat, int threads) {        \
     long Ho = H / 2, Wo = W / 2;                                                                   \
     _Pragma("omp parallel for collapse(2) num_threads(threads)")                                   \
     for (long n = 0; n < N; n++)                                                                   \
-        for (long i = 0; i < Ho; i++)                                                              \
+        for (long i = 0; i < Ho; i++) {                                                            \
+            T row[flat ? Wo * C : 1];  /* flat: this output row, transposed into y below */        \
+            long r = (n * Ho + i) * Wo * C;                                                        \
+            T *yr = flat ? row : y + r;                                                            \
             for (long j = 0; j < Wo; j++) {                                                        \
                 const T *p0 = x + ((n * H + 2 * i) * W + 2 * j) * C;                               \
                 const T *p1 = p0 + C, *p2 = p0 + W * C, *p3 = p2 + C;                              \
-                long o = ((n * Ho + i) * Wo + j) * C;                                              \
-                if (C == 16) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 16, relu);        \
-                else if (C == 32) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 32, relu);   \
-                else if (C == 64) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 64, relu);   \
-                else pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, C, relu);                 \
+                T *yo = yr + j * C;                                                                \
+                uint8_t *co = code + r + j * C;                                                    \
+                if (C == 16) pool_fwd_px_##NAME(p0, p1, p2, p3, yo, co, 16, relu);                 \
+                else if (C == 32) pool_fwd_px_##NAME(p0, p1, p2, p3, yo, co, 32, relu);            \
+                else if (C == 64) pool_fwd_px_##NAME(p0, p1, p2, p3, yo, co, 64, relu);            \
+                else pool_fwd_px_##NAME(p0, p1, p2, p3, yo, co, C, relu);                          \
             }                                                                                      \
+            if (flat)                                                                              \
+                for (long c = 0; c < C; c++)                                                       \
+                    for (long j = 0; j < Wo; j++)                                                  \
+                        y[((n * C + c) * Ho + i) * Wo + j] = row[j * C + c];                       \
+        }                                                                                          \
 }                                                                                                  \
                                                                                                    \
 void pool2x2_bwd_##NAME(const U *restrict gy, const uint8_t *restrict code, U *restrict gx,       \
-                        long N, long H, long W, long C, int threads) {                            \
+                        long N, long H, long W, long C, int flat, int threads) {                  \
     long Ho = H / 2, Wo = W / 2;                                                                   \
     _Pragma("omp parallel for collapse(2) num_threads(threads)")                                   \
     for (long n = 0; n < N; n++)                                                                   \
-        for (long i = 0; i < Ho; i++)                                                              \
+        for (long i = 0; i < Ho; i++) {                                                            \
+            U row[flat ? Wo * C : 1];  /* flat: this row of gy, gathered channels-last */          \
+            long r = (n * Ho + i) * Wo * C;                                                        \
+            const U *gr = gy + r;                                                                  \
+            if (flat) {                                                                            \
+                for (long c = 0; c < C; c++)                                                       \
+                    for (long j = 0; j < Wo; j++)                                                  \
+                        row[j * C + c] = gy[((n * C + c) * Ho + i) * Wo + j];                      \
+                gr = row;                                                                          \
+            }                                                                                      \
             for (long j = 0; j < Wo; j++) {                                                        \
                 U *q0 = gx + ((n * H + 2 * i) * W + 2 * j) * C;                                    \
                 U *q1 = q0 + C, *q2 = q0 + W * C, *q3 = q2 + C;                                    \
-                long o = ((n * Ho + i) * Wo + j) * C;                                              \
-                if (C == 16) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 16);             \
-                else if (C == 32) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 32);        \
-                else if (C == 64) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 64);        \
-                else pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, C);                      \
+                const U *g = gr + j * C;                                                           \
+                const uint8_t *co = code + r + j * C;                                              \
+                if (C == 16) pool_bwd_px_##NAME(g, co, q0, q1, q2, q3, 16);                        \
+                else if (C == 32) pool_bwd_px_##NAME(g, co, q0, q1, q2, q3, 32);                   \
+                else if (C == 64) pool_bwd_px_##NAME(g, co, q0, q1, q2, q3, 64);                   \
+                else pool_bwd_px_##NAME(g, co, q0, q1, q2, q3, C);                                 \
             }                                                                                      \
+        }                                                                                          \
 }
 
 POOL_KERNELS(bf16, uint16_t, uint16_t, bf16_to_float)  /* bf16 as its bits: (T)0 is +0.0 */
@@ -117,18 +140,11 @@ POOL_KERNELS(f32, float, uint32_t, f32_to_float)
    w: weights as (9, C), tap-major; b: bias (C). In bf16 mode each conv output is rounded to bf16
    (round to nearest even) before the max, as a bf16 convolution's output is. Float accumulation
    order differs from oneDNN's, so values agree to rounding, not bit for bit. */
-/* The 4x4 input region under one 2x2 pooling window holds the 4 windows' 3x3 patches. */
-static inline void patches(const float *xpad, long Wp, float p[4][9]) {
-    for (int k = 0; k < 4; k++)
-        for (int r = 0; r < 3; r++)
-            for (int s = 0; s < 3; s++)
-                p[k][3 * r + s] = xpad[(k / 2 + r) * Wp + (k % 2) + s];
-}
-
-/* The conv kernels work on 16 channels at a time in GCC vector types: four 16-float accumulators
-   (one per window position) stay in registers through the 9 taps. Written as plain loops over c,
-   the compiler kept them in memory, and the kernels ran 3x (forward) and 7x (backward) slower. C must be a multiple of 16 (kernels.py
-   checks). On CPUs without 512-bit vectors the compiler splits each operation in two. */
+/* The conv kernels work on 16 channels at a time in GCC vector types, with their accumulators in
+   registers (forward: one per window position, through the 9 taps; backward: one per tap, along a
+   row of windows). Written as plain loops over c, the compiler kept them in memory, and the kernels
+   ran 3x (forward) and 7x (backward) slower. C must be a multiple of 16 (kernels.py checks). On CPUs
+   without 512-bit vectors the compiler splits each operation in two. */
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
@@ -141,47 +157,71 @@ static inline void store16(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf select16(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 static inline vi iselect16(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
 
+#if defined(__AVX512BF16__)
+/* The CPU's own conversion (vcvtneps2bf16): one instruction for the ~7 below, and the one oneDNN's
+   bf16 convolutions round their outputs with here (nearest even; NaN stays NaN; it flushes
+   denormals to zero). */
+#include <immintrin.h>
+static inline vf round_bf16_16(vf f) {
+    __m256bh h = _mm512_cvtneps_pbh((__m512)f);
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16);
+}
+#else
 static inline vf round_bf16_16(vf f) {  /* to the nearest bf16, ties to even; a NaN stays NaN */
     vu u = (vu)f;  /* unsigned: the carry into the exponent must wrap, not overflow */
     vu r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
     vi nan = (vi)((u & 0x7fffffffu) > 0x7f800000u);
     return (vf)iselect16(nan, (vi)((u | 0x00400000u) & 0xffff0000u), (vi)r);
 }
+#endif
 
-/* One pooling window (a 4x4 input region), 16 channels from c0: 4 conv outputs, max, winner. */
-static inline void fwd_window(const float p[4][9], const float *restrict w, const float *restrict b, long C,
-                              long c0, void *restrict y, uint8_t *restrict code, int bf16, int relu) {
-    vf v[4], u[4];  /* two partial sums per position: 8 independent chains of multiply-adds */
-    for (int k = 0; k < 4; k++) v[k] = load16(b + c0), u[k] = (vf){0};
-    for (int t = 0; t < 9; t++) {
-        vf wt = load16(w + t * C + c0);
-        for (int k = 0; k < 4; k++) {
-            if (t % 2) u[k] += wt * p[k][t];
-            else v[k] += wt * p[k][t];
+/* Input pixel (a, b) of the 4x4 region under a pooling window whose top-left is x0: window position
+   k = (k/2, k%2) reads it at tap (a - k/2, b - k%2). */
+#define TAP(x0, Wp, k, t) ((x0)[((k) / 2 + (t) / 3) * (Wp) + (k) % 2 + (t) % 3])
+
+/* The windows of one output row (n, i), 16 channels from c0. The channel block is the outer loop so
+   that its 9 weight vectors and bias stay in registers across the row, and each multiply-add takes
+   its input pixel straight from xpad as a broadcast operand. (A first version gathered each window's
+   36 taps into a small array per window and reloaded the weights: about 3x the instructions.) */
+static inline __attribute__((always_inline)) void fwd_row(const float *restrict x0, long Wp, long Wo, const float *restrict w,
+                           const float *restrict b, long C, long c0, void *restrict y, uint8_t *restrict code,
+                           int bf16, int relu) {
+    vf wt[9], bias = load16(b + c0);
+    for (int t = 0; t < 9; t++) wt[t] = load16(w + t * C + c0);
+    for (long j = 0; j < Wo; j++, x0 += 2) {
+        vf v[4], u[4];  /* two partial sums per position: 8 independent chains of multiply-adds */
+        for (int k = 0; k < 4; k++) v[k] = bias, u[k] = (vf){0};
+        _Pragma("GCC unroll 9")  /* whole: each tap's offsets become constants */
+        for (int t = 0; t < 9; t++)
+            _Pragma("GCC unroll 4")
+            for (int k = 0; k < 4; k++) {
+                if (t % 2) u[k] += wt[t] * TAP(x0, Wp, k, t);
+                else v[k] += wt[t] * TAP(x0, Wp, k, t);
+            }
+        for (int k = 0; k < 4; k++) v[k] += u[k];
+        if (bf16)
+            for (int k = 0; k < 4; k++) v[k] = round_bf16_16(v[k]);
+        vf m = v[0];
+        vi kk = (vi){0};
+        for (int k = 1; k < 4; k++) {
+            vi win = (v[k] > m) | (v[k] != v[k]);  /* first max wins; a NaN wins */
+            m = select16(win, v[k], m);
+            kk = iselect16(win, (vi){0} + k, kk);
         }
-    }
-    for (int k = 0; k < 4; k++) v[k] += u[k];
-    if (bf16)
-        for (int k = 0; k < 4; k++) v[k] = round_bf16_16(v[k]);
-    vf m = v[0];
-    vi kk = (vi){0};
-    for (int k = 1; k < 4; k++) {
-        vi win = (v[k] > m) | (v[k] != v[k]);  /* first max wins; a NaN wins */
-        m = select16(win, v[k], m);
-        kk = iselect16(win, (vi){0} + k, kk);
-    }
-    if (relu) {
-        vi off = m <= 0.0f;
-        m = select16(off, (vf){0}, m);
-        kk = iselect16(off, (vi){0} + 4, kk);
-    }
-    vb codes = __builtin_convertvector(kk, vb);
-    memcpy(code + c0, &codes, sizeof codes);
-    if (bf16) {
-        vh bits = __builtin_convertvector((vi)m >> 16, vh);  /* exact: m holds bf16 values already */
-        memcpy((uint16_t *)y + c0, &bits, sizeof bits);
-    } else {
-        store16((float *)y + c0, m);
+        if (relu) {
+            vi off = m <= 0.0f;
+            m = select16(off, (vf){0}, m);
+            kk = iselect16(off, (vi){0} + 4, kk);
+        }
+        long o = j * C + c0;
+        vb codes = __builtin_convertvector(kk, vb);
+        memcpy(code + o, &codes, sizeof codes);
+        if (bf16) {
+            vh bits = __builtin_convertvector((vi)m >> 16, vh);  /* exact: m holds bf16 values already */
+            memcpy((uint16_t *)y + o, &bits, sizeof bits);
+        } else {
+            store16((float *)y + o, m);
+        }
     }
 }
 
@@ -191,38 +231,45 @@ void conv3x3_pool2x2_fwd(const float *restrict xpad, const float *restrict w, co
     long Ho = H / 2, Wo = W / 2, Wp = W + 2, size = bf16 ? 2 : 4;
     _Pragma("omp parallel for collapse(2) num_threads(threads)")
     for (long n = 0; n < N; n++)
-        for (long i = 0; i < Ho; i++)
-            for (long j = 0; j < Wo; j++) {
-                float p[4][9];
-                patches(xpad + (n * (H + 2) + 2 * i) * Wp + 2 * j, Wp, p);
-                long o = ((n * Ho + i) * Wo + j) * C;
-                for (long c0 = 0; c0 < C; c0 += LANES)
-                    fwd_window(p, w, b, C, c0, (char *)y + o * size, code + o, bf16, relu);
-            }
+        for (long i = 0; i < Ho; i++) {
+            long o = (n * Ho + i) * Wo * C;
+            for (long c0 = 0; c0 < C; c0 += LANES)
+                fwd_row(xpad + (n * (H + 2) + 2 * i) * Wp, Wp, Wo, w, b, C, c0, (char *)y + o * size, code + o,
+                        bf16, relu);
+        }
 }
 
-/* One window's share of the weight and bias gradients, 16 channels from c0: the winner's 3x3
-   patch times its gradient, added to this thread's partial sums tw (9, C) and tb (C). */
-static inline void bwd_window(const float p[4][9], const void *restrict gy, const uint8_t *restrict code,
-                              long C, long c0, int bf16, float *restrict tw, float *restrict tb) {
-    vf g;
-    if (bf16) {
-        vh bits;
-        memcpy(&bits, (const uint16_t *)gy + c0, sizeof bits);
-        g = (vf)(__builtin_convertvector(bits, vi) << 16);
-    } else {
-        g = load16((const float *)gy + c0);
+/* One output row's share of the weight and bias gradients, 16 channels from c0: each window's
+   winner's 3x3 patch times its gradient, summed in registers over the row, then added to this
+   thread's partial sums tw (9, C) and tb (C). */
+static inline __attribute__((always_inline)) void bwd_row(const float *restrict x0, long Wp, long Wo, const void *restrict gy,
+                           const uint8_t *restrict code, long C, long c0, int bf16, float *restrict tw,
+                           float *restrict tb) {
+    vf acc[9], accb = (vf){0};
+    for (int t = 0; t < 9; t++) acc[t] = (vf){0};
+    for (long j = 0; j < Wo; j++, x0 += 2) {
+        long o = j * C + c0;
+        vf g;
+        if (bf16) {
+            vh bits;
+            memcpy(&bits, (const uint16_t *)gy + o, sizeof bits);
+            g = (vf)(__builtin_convertvector(bits, vi) << 16);
+        } else {
+            g = load16((const float *)gy + o);
+        }
+        vb codes;
+        memcpy(&codes, code + o, sizeof codes);
+        vi k = __builtin_convertvector(codes, vi);
+        vf gk[4];
+        for (int kk = 0; kk < 4; kk++) gk[kk] = select16(k == kk, g, (vf){0});
+        accb += select16(k < 4, g, (vf){0});
+        _Pragma("GCC unroll 9")
+        for (int t = 0; t < 9; t++)
+            _Pragma("GCC unroll 4")
+            for (int kk = 0; kk < 4; kk++) acc[t] += gk[kk] * TAP(x0, Wp, kk, t);
     }
-    vb codes;
-    memcpy(&codes, code + c0, sizeof codes);
-    vi k = __builtin_convertvector(codes, vi);
-    vf gk[4];
-    for (int kk = 0; kk < 4; kk++) gk[kk] = select16(k == kk, g, (vf){0});
-    store16(tb + c0, load16(tb + c0) + select16(k < 4, g, (vf){0}));
-    for (int t = 0; t < 9; t++) {
-        vf acc = gk[0] * p[0][t] + gk[1] * p[1][t] + gk[2] * p[2][t] + gk[3] * p[3][t];
-        store16(tw + t * C + c0, load16(tw + t * C + c0) + acc);
-    }
+    for (int t = 0; t < 9; t++) store16(tw + t * C + c0, load16(tw + t * C + c0) + acc[t]);
+    store16(tb + c0, load16(tb + c0) + accb);
 }
 
 /* gw: (threads, 9, C) and gb: (threads, C) zeroed partial sums, one slice per thread; the caller
@@ -237,13 +284,11 @@ void conv3x3_pool2x2_bwd(const void *restrict gy, const uint8_t *restrict code, 
         float *restrict tb = gb + (long)omp_get_thread_num() * C;
         _Pragma("omp for collapse(2)")
         for (long n = 0; n < N; n++)
-            for (long i = 0; i < Ho; i++)
-                for (long j = 0; j < Wo; j++) {
-                    float p[4][9];
-                    patches(xpad + (n * (H + 2) + 2 * i) * Wp + 2 * j, Wp, p);
-                    long o = ((n * Ho + i) * Wo + j) * C;
-                    for (long c0 = 0; c0 < C; c0 += LANES)
-                        bwd_window(p, (const char *)gy + o * size, code + o, C, c0, bf16, tw, tb);
-                }
+            for (long i = 0; i < Ho; i++) {
+                long o = (n * Ho + i) * Wo * C;
+                for (long c0 = 0; c0 < C; c0 += LANES)
+                    bwd_row(xpad + (n * (H + 2) + 2 * i) * Wp, Wp, Wo, (const char *)gy + o * size, code + o, C, c0,
+                            bf16, tw, tb);
+            }
     }
 }
