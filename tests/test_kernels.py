@@ -48,25 +48,6 @@ def test_kernel_matches_aten_values_and_gradients_exactly(dtype, relu):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("channels", [16, 24, 64])  # 24: a width the kernel knows only at run time
-@pytest.mark.parametrize("wide", [False, True])  # True: rows over MAX_FLAT_ROW take the copying path
-def test_flatten_writes_what_pool_then_flatten_gives(dtype, channels, wide, monkeypatch):
-    if wide:
-        monkeypatch.setattr(kernels, "MAX_FLAT_ROW", channels)
-    x = hard_input(dtype, shape=(3, channels, 6, 10))
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = reference(xa, True).flatten(1), kernels.pool2x2(xb, True, flatten=True)
-    assert yb.shape == (3, channels * 15) and yb.is_contiguous() and yb.dtype == dtype
-    assert torch.equal(ya.isnan(), yb.isnan()) and torch.equal(ya.nan_to_num(), yb.nan_to_num())
-    g = torch.randn(ya.shape).to(dtype)
-    ya.backward(g), yb.backward(g)
-    assert torch.equal(xa.grad, xb.grad)
-    # and through the layer, where the kernel declines (NCHW input): the same result by ATen
-    assert torch.equal(MaxPool2d(2)(x.contiguous(), relu=True, flatten=True).nan_to_num(), ya.detach().nan_to_num())
-
-
-@needs_kernel
 def test_kernel_with_one_thread_and_a_non_channels_last_gradient():
     x = hard_input(torch.float32).requires_grad_()
     torch_threads = torch.get_num_threads()

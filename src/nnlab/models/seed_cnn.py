@@ -57,8 +57,7 @@ class SeedCNN(nn.Module):
                 x = kernels.conv_pool(x, self.conv1, relu=True)
             else:
                 x = self.pool(self.conv1(x), relu=True)
-            # Pooled straight into fc1's (B, 64*7*7) layout: flattening a channels-last tensor copies it.
-            return torch.relu(self.fc1(self.pool(self.conv2(x), relu=True, flatten=True)))  # (B, 128)
+            x = self.pool(self.conv2(x), relu=True)
         return torch.relu(self.fc1(x.flatten(1)))  # (B, 128)
 
     def forward_head(self, h: Tensor) -> Tensor:

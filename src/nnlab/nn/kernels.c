@@ -19,10 +19,7 @@
    (0,0), (0,1), (1,0), (1,1) wins ties; a NaN wins over any number (a later NaN over an earlier
    one, as in ATen's kernel); with relu, an output <= 0 becomes 0 and passes no gradient, while
    NaN passes through (as torch.relu and its backward do). Code 4 marks "no gradient".
-   H and W must be even; the caller falls back to ATen otherwise. With flat=1 the output is written
-   in (N, C, H/2, W/2) order, which is .flatten(1) of the pooled tensor, and the backward reads its
-   gradient in that order: flattening a channels-last tensor for a dense layer would copy it, and
-   copy its gradient back. */
+   H and W must be even; the caller falls back to ATen otherwise. */
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -69,57 +66,37 @@ static inline __attribute__((always_inline)) void pool_bwd_px_##NAME(           
 }                                                                                                  \
                                                                                                    \
 void pool2x2_fwd_##NAME(const T *restrict x, T *restrict y, uint8_t *restrict code,               \
-                        long N, long H, long W, long C, int relu, int flat, int threads) {        \
+                        long N, long H, long W, long C, int relu, int threads) {                  \
     long Ho = H / 2, Wo = W / 2;                                                                   \
     _Pragma("omp parallel for collapse(2) num_threads(threads)")                                   \
     for (long n = 0; n < N; n++)                                                                   \
-        for (long i = 0; i < Ho; i++) {                                                            \
-            T row[flat ? Wo * C : 1];  /* flat: this output row, transposed into y below */        \
-            long r = (n * Ho + i) * Wo * C;                                                        \
-            T *yr = flat ? row : y + r;                                                            \
+        for (long i = 0; i < Ho; i++)                                                              \
             for (long j = 0; j < Wo; j++) {                                                        \
                 const T *p0 = x + ((n * H + 2 * i) * W + 2 * j) * C;                               \
                 const T *p1 = p0 + C, *p2 = p0 + W * C, *p3 = p2 + C;                              \
-                T *yo = yr + j * C;                                                                \
-                uint8_t *co = code + r + j * C;                                                    \
-                if (C == 16) pool_fwd_px_##NAME(p0, p1, p2, p3, yo, co, 16, relu);                 \
-                else if (C == 32) pool_fwd_px_##NAME(p0, p1, p2, p3, yo, co, 32, relu);            \
-                else if (C == 64) pool_fwd_px_##NAME(p0, p1, p2, p3, yo, co, 64, relu);            \
-                else pool_fwd_px_##NAME(p0, p1, p2, p3, yo, co, C, relu);                          \
+                long o = ((n * Ho + i) * Wo + j) * C;                                              \
+                if (C == 16) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 16, relu);        \
+                else if (C == 32) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 32, relu);   \
+                else if (C == 64) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 64, relu);   \
+                else pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, C, relu);                 \
             }                                                                                      \
-            if (flat)                                                                              \
-                for (long c = 0; c < C; c++)                                                       \
-                    for (long j = 0; j < Wo; j++)                                                  \
-                        y[((n * C + c) * Ho + i) * Wo + j] = row[j * C + c];                       \
-        }                                                                                          \
 }                                                                                                  \
                                                                                                    \
 void pool2x2_bwd_##NAME(const U *restrict gy, const uint8_t *restrict code, U *restrict gx,       \
-                        long N, long H, long W, long C, int flat, int threads) {                  \
+                        long N, long H, long W, long C, int threads) {                            \
     long Ho = H / 2, Wo = W / 2;                                                                   \
     _Pragma("omp parallel for collapse(2) num_threads(threads)")                                   \
     for (long n = 0; n < N; n++)                                                                   \
-        for (long i = 0; i < Ho; i++) {                                                            \
-            U row[flat ? Wo * C : 1];  /* flat: this row of gy, gathered channels-last */          \
-            long r = (n * Ho + i) * Wo * C;                                                        \
-            const U *gr = gy + r;                                                                  \
-            if (flat) {                                                                            \
-                for (long c = 0; c < C; c++)                                                       \
-                    for (long j = 0; j < Wo; j++)                                                  \
-                        row[j * C + c] = gy[((n * C + c) * Ho + i) * Wo + j];                      \
-                gr = row;                                                                          \
-            }                                                                                      \
+        for (long i = 0; i < Ho; i++)                                                              \
             for (long j = 0; j < Wo; j++) {                                                        \
                 U *q0 = gx + ((n * H + 2 * i) * W + 2 * j) * C;                                    \
                 U *q1 = q0 + C, *q2 = q0 + W * C, *q3 = q2 + C;                                    \
-                const U *g = gr + j * C;                                                           \
-                const uint8_t *co = code + r + j * C;                                              \
-                if (C == 16) pool_bwd_px_##NAME(g, co, q0, q1, q2, q3, 16);                        \
-                else if (C == 32) pool_bwd_px_##NAME(g, co, q0, q1, q2, q3, 32);                   \
-                else if (C == 64) pool_bwd_px_##NAME(g, co, q0, q1, q2, q3, 64);                   \
-                else pool_bwd_px_##NAME(g, co, q0, q1, q2, q3, C);                                 \
+                long o = ((n * Ho + i) * Wo + j) * C;                                              \
+                if (C == 16) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 16);             \
+                else if (C == 32) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 32);        \
+                else if (C == 64) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 64);        \
+                else pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, C);                      \
             }                                                                                      \
-        }                                                                                          \
 }
 
 POOL_KERNELS(bf16, uint16_t, uint16_t, bf16_to_float)  /* bf16 as its bits: (T)0 is +0.0 */

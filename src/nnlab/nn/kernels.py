@@ -2,9 +2,8 @@
 
 Two kernels, both for the memory-bound work around seed-cnn's convolutions (kernels.c says why
 ATen is slow there):
-- `pool2x2(x, relu, flatten)`: F.max_pool2d(x, 2), then torch.relu when relu=True (and .flatten(1)
-  when flatten=True), for channels-last tensors; the same values and gradients bit for bit, ties
-  and NaNs included. `supports(x)`.
+- `pool2x2(x, relu)`: F.max_pool2d(x, 2), then torch.relu when relu=True, for channels-last
+  tensors; the same values and gradients bit for bit, ties and NaNs included. `supports(x)`.
 - `conv_pool(x, conv, relu)`: max_pool2d(conv(x), 2) (then ReLU) for a one-channel 3x3 convolution,
   in one pass that never writes the full-size conv output; equal to the unfused path up to float
   rounding, in fp32 and under bf16 autocast. `supports_conv_pool(x, conv)`; it declines inputs
@@ -90,8 +89,8 @@ def _build() -> ctypes.CDLL | None:
         return None
     L, I, P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
     for name in _TYPES.values():
-        getattr(dll, f"pool2x2_fwd_{name}").argtypes = [P, P, P, L, L, L, L, I, I, I]
-        getattr(dll, f"pool2x2_bwd_{name}").argtypes = [P, P, P, L, L, L, L, I, I]
+        getattr(dll, f"pool2x2_fwd_{name}").argtypes = [P, P, P, L, L, L, L, I, I]
+        getattr(dll, f"pool2x2_bwd_{name}").argtypes = [P, P, P, L, L, L, L, I]
     dll.conv3x3_pool2x2_fwd.argtypes = [P, P, P, P, P, L, L, L, L, I, I, I]
     dll.conv3x3_pool2x2_bwd.argtypes = [P, P, P, P, P, L, L, L, L, I, I]
     _state["why"] = f"built {lib}"
@@ -123,24 +122,16 @@ def supports(x: Tensor) -> bool:
     return _poolable(x) and x.dtype in _TYPES and x.is_contiguous(memory_format=torch.channels_last)
 
 
-# flatten=True keeps one output row (W/2 x C values) on the kernel's stack; wider rows are flattened
-# by a copy instead.
-MAX_FLAT_ROW = 8192
-
-
 class _Pool2x2(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, relu: bool, flatten: bool) -> Tensor:
+    def forward(ctx, x: Tensor, relu: bool) -> Tensor:
         N, C, H, W = x.shape
+        y = torch.empty((N, C, H // 2, W // 2), dtype=x.dtype, memory_format=torch.channels_last)
         code = torch.empty((N, C, H // 2, W // 2), dtype=torch.uint8, memory_format=torch.channels_last)
-        if flatten:  # written in (N, C, H/2, W/2) order: flatten(1) of the pooled tensor, without a copy
-            y = torch.empty((N, C * (H // 2) * (W // 2)), dtype=x.dtype)
-        else:
-            y = torch.empty((N, C, H // 2, W // 2), dtype=x.dtype, memory_format=torch.channels_last)
         getattr(library(), f"pool2x2_fwd_{_TYPES[x.dtype]}")(
-            x.data_ptr(), y.data_ptr(), code.data_ptr(), N, H, W, C, int(relu), int(flatten), torch.get_num_threads())
+            x.data_ptr(), y.data_ptr(), code.data_ptr(), N, H, W, C, int(relu), torch.get_num_threads())
         ctx.save_for_backward(code)
-        ctx.shape, ctx.flatten = x.shape, flatten
+        ctx.shape = x.shape
         return y
 
     @staticmethod
@@ -148,22 +139,16 @@ class _Pool2x2(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         (code,) = ctx.saved_tensors
         N, C, H, W = ctx.shape
-        gy = gy.contiguous() if ctx.flatten else gy.contiguous(memory_format=torch.channels_last)
+        gy = gy.contiguous(memory_format=torch.channels_last)
         gx = torch.empty(ctx.shape, dtype=gy.dtype, memory_format=torch.channels_last)
         getattr(library(), f"pool2x2_bwd_{_TYPES[gy.dtype]}")(
-            gy.data_ptr(), code.data_ptr(), gx.data_ptr(), N, H, W, C, int(ctx.flatten), torch.get_num_threads())
-        return gx, None, None
+            gy.data_ptr(), code.data_ptr(), gx.data_ptr(), N, H, W, C, torch.get_num_threads())
+        return gx, None
 
 
-def pool2x2(x: Tensor, relu: bool = False, flatten: bool = False) -> Tensor:
-    """max_pool2d(x, 2) (then ReLU if relu; then .flatten(1) if flatten) on a tensor that `supports`
-    accepts. flatten=True writes the (N, C*H/2*W/2) result directly: flattening the channels-last
-    output would otherwise copy it, and copy its gradient back (about 0.1 ms each for seed-cnn's
-    64x64x7x7 bf16 block, 2-core AMX Xeon)."""
-    N, C, H, W = x.shape
-    if flatten and (W // 2) * C > MAX_FLAT_ROW:
-        return _Pool2x2.apply(x, relu, False).flatten(1)
-    return _Pool2x2.apply(x, relu, flatten)
+def pool2x2(x: Tensor, relu: bool = False) -> Tensor:
+    """max_pool2d(x, 2) (then ReLU if relu) on a tensor that `supports` accepts."""
+    return _Pool2x2.apply(x, relu)
 
 
 # ---- conv 1->C (3x3, pad 1) + 2x2 max-pool + ReLU in one pass ---------------------------------------

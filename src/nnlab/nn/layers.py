@@ -44,8 +44,7 @@ class Conv2d(nn.Conv2d):
 
 
 class MaxPool2d(nn.Module):
-    """Non-overlapping k x k max pooling; forward(x, relu=True) also applies ReLU after it, and
-    forward(x, flatten=True) returns the result flattened to (B, C*H'*W'), as .flatten(1) would.
+    """Non-overlapping k x k max pooling; forward(x, relu=True) also applies ReLU after it.
 
     The fast path runs 2x2 pooling of a channels-last CPU tensor in nnlab's own fused kernel
     (nn/kernels.c: no int64 indices, no zero-filled gradient, ReLU in the same pass), and
@@ -56,15 +55,14 @@ class MaxPool2d(nn.Module):
         super().__init__()
         self.k, self.explicit = k, explicit
 
-    def forward(self, x: Tensor, relu: bool = False, flatten: bool = False) -> Tensor:
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
         if self.explicit:
             y = ops.max_pool2d(x, self.k)
         elif self.k == 2 and kernels.supports(x):
-            return kernels.pool2x2(x, relu, flatten)
+            return kernels.pool2x2(x, relu)
         else:
             y = F.max_pool2d(x, self.k)
-        y = torch.relu(y) if relu else y
-        return y.flatten(1) if flatten else y
+        return torch.relu(y) if relu else y
 
 
 class SelfAttention(nn.Module):
