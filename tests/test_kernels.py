@@ -1,6 +1,7 @@
 """The fused 2x2 max-pool (+ReLU) kernel against F.max_pool2d and torch.relu: values and gradients, bit for bit."""
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nnlab.nn import MaxPool2d, kernels
+from nnlab.train.precision import cpu_flags
 
 needs_kernel = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                   reason="no C compiler: the kernel cannot be built here")
@@ -177,6 +179,37 @@ def test_conv_pool_ties_and_nans_follow_aten():
     assert torch.equal(gwa.isnan(), gwb.isnan())
     torch.testing.assert_close(gwb.nan_to_num(), gwa.nan_to_num())
     torch.testing.assert_close(gbb, gba)
+
+
+@needs_kernel
+@pytest.mark.skipif(platform.machine() != "x86_64" or not {"avx2", "fma", "bmi2", "movbe", "f16c"} <= cpu_flags(),
+                    reason="needs an x86 CPU that runs x86-64-v3 code")
+def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(tmp_path, monkeypatch):
+    """CPUs without AVX-512 (the AVX2-only EPYC) get other code: 8-lane vectors, and bf16 rounding by
+    bit arithmetic instead of vcvtneps2bf16. Build for such a CPU here and compare: per lane the same
+    multiply-adds in the same order, so the outputs must agree bit for bit."""
+    from nnlab.nn import Conv2d
+
+    torch.manual_seed(0)
+    conv, x = Conv2d(1, 32, 3, padding=1), torch.randn(16, 1, 28, 28)
+    g = torch.randn(16, 32, 14, 14)
+    xp = hard_input(torch.bfloat16, shape=(4, 32, 10, 12))
+
+    def run():
+        with torch.autocast("cpu", torch.bfloat16):
+            y, gw, gb = conv_grads(lambda x, c: kernels.conv_pool(x, c, True), x, conv, g)
+        return y, gw, gb, kernels.pool2x2(xp, True)
+
+    native = run()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "FLAGS", [f.replace("-march=native", "-march=x86-64-v3") for f in kernels.FLAGS])
+    monkeypatch.setattr(kernels, "_state", {})
+    portable = run()
+    assert kernels.status().startswith(f"built {tmp_path}"), kernels.status()
+    assert torch.equal(native[0], portable[0])
+    torch.testing.assert_close(portable[1], native[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(portable[2], native[2], atol=1e-5, rtol=1e-5)
+    assert torch.equal(portable[3].nan_to_num(), reference(xp, True).nan_to_num())
 
 
 def test_conv_pool_declines_what_it_does_not_compute():
