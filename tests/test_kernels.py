@@ -1,4 +1,5 @@
-"""The fused 2x2 max-pool (+ReLU) kernel against F.max_pool2d and torch.relu: values and gradients, bit for bit."""
+"""nnlab's CPU kernels against ATen: the 2x2 max-pool (+ReLU) against F.max_pool2d and torch.relu
+(values and gradients, bit for bit), and the fused conv 1->C + pool + ReLU against conv, pool, relu."""
 
 import os
 import platform
@@ -187,18 +188,22 @@ def test_conv_pool_ties_and_nans_follow_aten():
 def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(tmp_path, monkeypatch):
     """CPUs without AVX-512 (the AVX2-only EPYC) get other code: 8-lane vectors, and bf16 rounding by
     bit arithmetic instead of vcvtneps2bf16. Build for such a CPU here and compare: per lane the same
-    multiply-adds in the same order, so the outputs must agree bit for bit."""
+    multiply-adds in the same order, so the outputs must agree bit for bit (these inputs give no
+    denormal conv outputs, which only the instruction flushes to zero)."""
     from nnlab.nn import Conv2d
 
     torch.manual_seed(0)
     conv, x = Conv2d(1, 32, 3, padding=1), torch.randn(16, 1, 28, 28)
     g = torch.randn(16, 32, 14, 14)
     xp = hard_input(torch.bfloat16, shape=(4, 32, 10, 12))
+    gp = torch.randn(4, 32, 5, 6).to(torch.bfloat16)
 
     def run():
         with torch.autocast("cpu", torch.bfloat16):
             y, gw, gb = conv_grads(lambda x, c: kernels.conv_pool(x, c, True), x, conv, g)
-        return y, gw, gb, kernels.pool2x2(xp, True)
+        xg = xp.clone().requires_grad_()
+        kernels.pool2x2(xg, True).backward(gp)
+        return y, gw, gb, kernels.pool2x2(xp, True), xg.grad
 
     native = run()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -209,7 +214,11 @@ def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(tmp_path, monkey
     assert torch.equal(native[0], portable[0])
     torch.testing.assert_close(portable[1], native[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(portable[2], native[2], atol=1e-5, rtol=1e-5)
-    assert torch.equal(portable[3].nan_to_num(), reference(xp, True).nan_to_num())
+    xr = xp.clone().requires_grad_()
+    yr = reference(xr, True)
+    yr.backward(gp)
+    assert torch.equal(portable[3].nan_to_num(), yr.detach().nan_to_num())
+    assert torch.equal(portable[4], xr.grad)
 
 
 def test_conv_pool_declines_what_it_does_not_compute():

@@ -138,9 +138,8 @@ static inline vf select16(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((
 static inline vi iselect16(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
 
 #if defined(__AVX512BF16__)
-/* The CPU's own conversion (vcvtneps2bf16): one instruction for the ~7 below, and the one oneDNN's
-   bf16 convolutions round their outputs with here (nearest even; NaN stays NaN; it flushes
-   denormals to zero). */
+/* The CPU's own conversion (vcvtneps2bf16): one instruction for the ~7 below. Nearest even, and a
+   NaN stays NaN, as below; unlike below, it flushes denormals to zero. */
 static inline vf round_bf16_16(vf f) {
     __m256bh h = _mm512_cvtneps_pbh((__m512)f);
     return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16);
