@@ -182,6 +182,72 @@ def test_conv_pool_ties_and_nans_follow_aten():
     torch.testing.assert_close(gbb, gba)
 
 
+def wide_grads(fn, x, conv, g):
+    """fn(x, conv)'s output and the gradients of x, W and b for the output gradient g."""
+    x = x.detach().clone().requires_grad_()
+    y, gw, gb = conv_grads(lambda x_, c: fn(x_, c), x, conv, g)
+    return y, x.grad, gw, gb
+
+
+@needs_kernel
+@pytest.mark.parametrize("c_in", [32, 48])  # 48: blocks of 16 channels instead of 32
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_wide_conv_pool_matches_conv_then_pool(c_in, relu, bf16):
+    """conv C_in->C (3x3) + pool: ATen's convolution and input gradient, the pool kernel, and the
+    weight and bias gradients summed from the winners only."""
+    from nnlab.nn import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(c_in, 32, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(5, c_in, 10, 12).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(5, 32, 5, 6)
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        if bf16:
+            x = x.to(torch.bfloat16)  # as the block before hands it over under autocast
+        assert kernels.supports_conv_pool(x, conv)
+        ya, gxa, gwa, gba = wide_grads(lambda x, c: conv_reference(x, c, relu), x, conv, g)
+        yb, gxb, gwb, gbb = wide_grads(lambda x, c: kernels.conv_pool(x, c, relu), x, conv, g)
+    assert yb.dtype == ya.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert torch.equal(yb, ya)  # the same convolution, and a pool that matches ATen's bit for bit
+    assert gxb.dtype == x.dtype
+    # The input gradient is ATen's too (from the same full-size gradient); the weight gradient is the
+    # same sum in another order, and under bf16 the reference's is rounded to bf16, this one's is not.
+    torch.testing.assert_close(gxb, gxa, atol=1e-5, rtol=1e-5)
+    tol = dict(atol=0.02, rtol=0.01) if bf16 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gwb, gwa, **tol)
+    torch.testing.assert_close(gbb, gba, **tol)
+    # Against float64 from the same winners, this kernel's fp32 sums are far closer than bf16.
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        pooled, idx = F.max_pool2d(conv(x).float(), 2, return_indices=True)  # the convolution it pooled
+    keep = (pooled > 0) if relu else torch.ones_like(pooled, dtype=torch.bool)
+    gfull = torch.zeros(5, 32, 10 * 12, dtype=torch.float64)
+    gfull.scatter_(2, idx.flatten(2), (g.to(ya.dtype).double() * keep).flatten(2))
+    wd = conv.weight.detach().to(x.dtype).double().requires_grad_()
+    F.conv2d(x.double(), wd, padding=1).backward(gfull.view(5, 32, 10, 12))
+    torch.testing.assert_close(gwb.double(), wd.grad, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+def test_wide_conv_pool_ties_follow_aten():
+    """Zero weights: every window's four outputs tie, and the first must win, as in ATen, so the
+    weight gradient reads the same patches."""
+    from nnlab.nn import Conv2d
+
+    torch.manual_seed(1)
+    conv = Conv2d(16, 16, 3, padding=1).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv.weight.zero_()
+    x = torch.randn(3, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(3, 16, 4, 4)
+    ya, gxa, gwa, gba = wide_grads(lambda x, c: conv_reference(x, c, False), x, conv, g)
+    yb, gxb, gwb, gbb = wide_grads(lambda x, c: kernels.conv_pool(x, c, False), x, conv, g)
+    assert torch.equal(ya, yb)
+    torch.testing.assert_close(gwb, gwa, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gbb, gba)
+    assert torch.equal(gxa, gxb)
+
+
 @needs_kernel
 @pytest.mark.skipif(platform.machine() != "x86_64" or not {"avx2", "fma", "bmi2", "movbe", "f16c"} <= cpu_flags(),
                     reason="needs an x86 CPU that runs x86-64-v3 code")
@@ -197,13 +263,16 @@ def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(tmp_path, monkey
     g = torch.randn(16, 32, 14, 14)
     xp = hard_input(torch.bfloat16, shape=(4, 32, 10, 12))
     gp = torch.randn(4, 32, 5, 6).to(torch.bfloat16)
+    wide = Conv2d(32, 16, 3, padding=1)
+    gwide = torch.randn(4, 16, 5, 6)
 
     def run():
         with torch.autocast("cpu", torch.bfloat16):
             y, gw, gb = conv_grads(lambda x, c: kernels.conv_pool(x, c, True), x, conv, g)
+            _, gw2, gb2 = conv_grads(lambda x, c: kernels.conv_pool(x, c, True), xp.nan_to_num(), wide, gwide)
         xg = xp.clone().requires_grad_()
         kernels.pool2x2(xg, True).backward(gp)
-        return y, gw, gb, kernels.pool2x2(xp, True), xg.grad
+        return y, gw, gb, kernels.pool2x2(xp, True), xg.grad, gw2, gb2
 
     native = run()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -219,6 +288,7 @@ def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(tmp_path, monkey
     yr.backward(gp)
     assert torch.equal(portable[3].nan_to_num(), yr.detach().nan_to_num())
     assert torch.equal(portable[4], xr.grad)
+    assert torch.equal(portable[5], native[5]) and torch.equal(portable[6], native[6])  # the wide weight gradient
 
 
 def test_conv_pool_declines_what_it_does_not_compute():

@@ -53,11 +53,11 @@ class SeedCNN(nn.Module):
             # gradients agree too, so pool first and run ReLU on 4x fewer values, in the same pass
             # as the pooling where the fused kernel applies. At 28x28 these memory-bound ops were
             # a third of a bf16 training step.
-            if kernels.supports_conv_pool(x, self.conv1):  # conv1 + pool + ReLU in one pass, on CPU
-                x = kernels.conv_pool(x, self.conv1, relu=True)
-            else:
-                x = self.pool(self.conv1(x), relu=True)
-            x = self.pool(self.conv2(x), relu=True)
+            for conv in (self.conv1, self.conv2):
+                if kernels.supports_conv_pool(x, conv):  # nnlab's CPU kernels (nnlab.nn.kernels)
+                    x = kernels.conv_pool(x, conv, relu=True)
+                else:
+                    x = self.pool(conv(x), relu=True)
         return torch.relu(self.fc1(x.flatten(1)))  # (B, 128)
 
     def forward_head(self, h: Tensor) -> Tensor:

@@ -1,13 +1,16 @@
-"""nnlab's own CPU kernels for the article's CNN, built with the system's C compiler.
+"""nnlab's CPU kernels for the article's CNN, built with the system's C compiler.
 
-Two kernels, both for the memory-bound work around seed-cnn's convolutions (kernels.c says why
-ATen is slow there):
+Three kernels, for the memory-bound work around seed-cnn's convolutions and for one gradient that
+oneDNN computes densely (kernels.c says why ATen is slow there):
 - `pool2x2(x, relu)`: F.max_pool2d(x, 2), then torch.relu when relu=True, for channels-last
   tensors; the same values and gradients bit for bit, ties and NaNs included. `supports(x)`.
-- `conv_pool(x, conv, relu)`: max_pool2d(conv(x), 2) (then ReLU) for a one-channel 3x3 convolution,
-  in one pass that never writes the full-size conv output; equal to the unfused path up to float
-  rounding, in fp32 and under bf16 autocast. `supports_conv_pool(x, conv)`; it declines inputs
-  that need a gradient (attacks and saliency then take the unfused path).
+- `conv_pool(x, conv, relu)`: max_pool2d(conv(x), 2) (then ReLU) for a 3x3 convolution.
+  - One input channel (block 1): one pass that never writes the full-size conv output; it
+    declines inputs that need a gradient (attacks and saliency then take the unfused path).
+  - Input channels a multiple of 16 (block 2): ATen convolves and computes the input gradient, the pool kernel
+    pools, and the weight gradient is summed from the pooled gradient, at the windows' winners only.
+  Equal to the unfused path up to float rounding, in fp32 and under bf16 autocast.
+  `supports_conv_pool(x, conv)`.
 tests/test_kernels.py compares each with ATen. Callers use ATen whenever `supports*` says no.
 
 kernels.c is compiled on first use into the user's cache folder and loaded with ctypes: a plain C
@@ -93,6 +96,8 @@ def _build() -> ctypes.CDLL | None:
         getattr(dll, f"pool2x2_bwd_{name}").argtypes = [P, P, P, L, L, L, L, I]
     dll.conv3x3_pool2x2_fwd.argtypes = [P, P, P, P, P, L, L, L, L, I, I, I]
     dll.conv3x3_pool2x2_bwd.argtypes = [P, P, P, P, P, L, L, L, L, I, I]
+    dll.conv3x3_pool2x2_wgrad.argtypes = [P, P, P, P, P, L, L, L, L, L, I, I]
+    dll.conv3x3_pool2x2_wgrad.restype = I
     _state["why"] = f"built {lib}"
     return dll
 
@@ -122,14 +127,30 @@ def supports(x: Tensor) -> bool:
     return _poolable(x) and x.dtype in _TYPES and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def _pool_forward(x: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
+    """(pooled x, winner codes), both channels-last (N, C, H/2, W/2)."""
+    N, C, H, W = x.shape
+    y = torch.empty((N, C, H // 2, W // 2), dtype=x.dtype, memory_format=torch.channels_last)
+    code = torch.empty((N, C, H // 2, W // 2), dtype=torch.uint8, memory_format=torch.channels_last)
+    getattr(library(), f"pool2x2_fwd_{_TYPES[x.dtype]}")(
+        x.data_ptr(), y.data_ptr(), code.data_ptr(), N, H, W, C, int(relu), torch.get_num_threads())
+    return y, code
+
+
+def _pool_backward(gy: Tensor, code: Tensor, shape: torch.Size) -> Tensor:
+    """The gradient of the pool's input, channels-last `shape`, from its output's gradient gy."""
+    N, C, H, W = shape
+    gy = gy.contiguous(memory_format=torch.channels_last)
+    gx = torch.empty(shape, dtype=gy.dtype, memory_format=torch.channels_last)
+    getattr(library(), f"pool2x2_bwd_{_TYPES[gy.dtype]}")(
+        gy.data_ptr(), code.data_ptr(), gx.data_ptr(), N, H, W, C, torch.get_num_threads())
+    return gx
+
+
 class _Pool2x2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, relu: bool) -> Tensor:
-        N, C, H, W = x.shape
-        y = torch.empty((N, C, H // 2, W // 2), dtype=x.dtype, memory_format=torch.channels_last)
-        code = torch.empty((N, C, H // 2, W // 2), dtype=torch.uint8, memory_format=torch.channels_last)
-        getattr(library(), f"pool2x2_fwd_{_TYPES[x.dtype]}")(
-            x.data_ptr(), y.data_ptr(), code.data_ptr(), N, H, W, C, int(relu), torch.get_num_threads())
+        y, code = _pool_forward(x, relu)
         ctx.save_for_backward(code)
         ctx.shape = x.shape
         return y
@@ -138,12 +159,7 @@ class _Pool2x2(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy: Tensor):
         (code,) = ctx.saved_tensors
-        N, C, H, W = ctx.shape
-        gy = gy.contiguous(memory_format=torch.channels_last)
-        gx = torch.empty(ctx.shape, dtype=gy.dtype, memory_format=torch.channels_last)
-        getattr(library(), f"pool2x2_bwd_{_TYPES[gy.dtype]}")(
-            gy.data_ptr(), code.data_ptr(), gx.data_ptr(), N, H, W, C, torch.get_num_threads())
-        return gx, None
+        return _pool_backward(gy, code, ctx.shape), None
 
 
 def pool2x2(x: Tensor, relu: bool = False) -> Tensor:
@@ -161,15 +177,23 @@ def _autocast_mode() -> str | None:
 
 
 def supports_conv_pool(x: Tensor, conv: torch.nn.Conv2d) -> bool:
-    """x (N, 1, H, W) fp32 on CPU, H and W even, no gradient wanted for x; conv 1->C (C a multiple
-    of 16: the kernel's vector width), 3x3, pad 1; outside autocast or under CPU bf16 autocast."""
+    """A 3x3, pad-1, stride-1 convolution `conv` (fp32 weights on CPU) of x, then 2x2 pooling, that
+    `conv_pool` computes; outside autocast or under CPU bf16 autocast, H and W even. Two cases:
+    - one input channel: x (N, 1, H, W) fp32, no gradient wanted for x, C_out a multiple of 16 (the
+      kernel's vector width);
+    - C_in and C_out multiples of 16: x channels-last, fp32 (or bf16 under autocast), and x may need
+      a gradient (ATen computes it)."""
     w = conv.weight
-    return (_poolable(x)  # first: under jit tracing nothing below is looked at
-            and x.dtype == torch.float32 and not x.requires_grad and x.shape[1:2] == (1,)
-            and w.device.type == "cpu" and w.dtype == torch.float32 and tuple(w.shape[1:]) == (1, 3, 3)
+    if not (_poolable(x)  # first: under jit tracing nothing below is looked at
+            and w.device.type == "cpu" and w.dtype == torch.float32 and tuple(w.shape[2:]) == (3, 3)
             and w.shape[0] % 16 == 0 and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and _autocast_mode() is not None)
+            and x.shape[1] == w.shape[1] and _autocast_mode() is not None):
+        return False
+    if x.shape[1] == 1:
+        return x.dtype == torch.float32 and not x.requires_grad
+    return (x.shape[1] % 16 == 0 and x.is_contiguous(memory_format=torch.channels_last)
+            and x.dtype in (torch.float32, torch.bfloat16) and (x.dtype == torch.float32 or _autocast_mode() == "bf16"))
 
 
 class _Conv3x3Pool2x2(torch.autograd.Function):
@@ -205,7 +229,54 @@ class _Conv3x3Pool2x2(torch.autograd.Function):
         return None, gw, gb.sum(0) if ctx.has_bias else None, None, None
 
 
+class _ConvPool2x2(torch.autograd.Function):
+    """max_pool2d(conv(x), 2) (then ReLU) for C_in > 1: ATen (oneDNN) convolves and computes the input
+    gradient, pool2x2 pools, and the weight and bias gradients come from kernels.c's
+    conv3x3_pool2x2_wgrad, which reads only the windows' winners.
+
+    Why: oneDNN's weight gradient of seed-cnn's conv2 (batch 64, 32x14x14 -> 64 channels) was the
+    largest single cost of a training step, 2x its forward. From the pooled gradient it is a quarter
+    of the multiply-adds. Interleaved on the AMX Xeon (21 rounds, 14% of windows without gradient),
+    kernel / oneDNN's weight+bias gradient: bf16 1.09 / 1.49 ms (0.74x), fp32 1.18 / 2.90 ms (0.43x);
+    oneDNN's input gradient alone took a third of its input+weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, bf16: bool, relu: bool) -> Tensor:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        # What autocast would feed a bf16 convolution: x, W and b rounded to bf16.
+        x = x.detach().to(dtype).contiguous(memory_format=torch.channels_last)
+        w = weight.detach().to(dtype)
+        b = bias.detach().to(dtype) if bias is not None else None
+        y = torch.ops.aten.convolution(x, w, b, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+        y, code = _pool_forward(y.contiguous(memory_format=torch.channels_last), relu)
+        ctx.save_for_backward(x, w, code)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy: Tensor):
+        x, w, code = ctx.saved_tensors
+        N, C_in, H, W = x.shape
+        C = w.shape[0]
+        gy = gy.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        threads = torch.get_num_threads()
+        gx = None
+        if ctx.needs_input_grad[0]:  # the convolution's full-size gradient, then ATen's input gradient
+            gconv = _pool_backward(gy, code, torch.Size((N, C, H, W)))
+            gx = torch.ops.aten.convolution_backward(gconv, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                     [True, False, False])[0]
+        gw, gb = torch.zeros(threads, C, 9, C_in), torch.zeros(threads, C)  # one partial sum per thread
+        if library().conv3x3_pool2x2_wgrad(x.data_ptr(), gy.data_ptr(), code.data_ptr(), gw.data_ptr(),
+                                           gb.data_ptr(), N, H, W, C_in, C, int(x.dtype == torch.bfloat16), threads):
+            raise MemoryError("conv3x3_pool2x2_wgrad: out of memory for its per-thread scratch")
+        # (C, 3, 3, C_in) in memory is a channels-last (C, C_in, 3, 3) tensor.
+        gw = gw.sum(0).view(C, 3, 3, C_in).permute(0, 3, 1, 2)
+        return gx, gw, gb.sum(0) if ctx.has_bias else None, None, None
+
+
 def conv_pool(x: Tensor, conv: torch.nn.Conv2d, relu: bool = True) -> Tensor:
     """max_pool2d(conv(x), 2), then ReLU if relu, for inputs `supports_conv_pool` accepts; the
     output is channels-last, bf16 under bf16 autocast (as the convolution's output would be)."""
-    return _Conv3x3Pool2x2.apply(x, conv.weight, conv.bias, _autocast_mode() == "bf16", relu)
+    fn = _Conv3x3Pool2x2 if x.shape[1] == 1 else _ConvPool2x2
+    return fn.apply(x, conv.weight, conv.bias, _autocast_mode() == "bf16", relu)
