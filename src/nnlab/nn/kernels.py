@@ -266,13 +266,12 @@ class _ConvPool2x2(torch.autograd.Function):
             gconv = _pool_backward(gy, code, torch.Size((N, C, H, W)))
             gx = torch.ops.aten.convolution_backward(gconv, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                                                      [True, False, False])[0]
-        gw, gb = torch.zeros(threads, C, 9, C_in), torch.zeros(threads, C)  # one partial sum per thread
+        gw, gb = torch.empty(C, 3, 3, C_in), torch.empty(C)
         if library().conv3x3_pool2x2_wgrad(x.data_ptr(), gy.data_ptr(), code.data_ptr(), gw.data_ptr(),
                                            gb.data_ptr(), N, H, W, C_in, C, int(x.dtype == torch.bfloat16), threads):
-            raise MemoryError("conv3x3_pool2x2_wgrad: out of memory for its per-thread scratch")
+            raise MemoryError("conv3x3_pool2x2_wgrad: out of memory for its scratch")
         # (C, 3, 3, C_in) in memory is a channels-last (C, C_in, 3, 3) tensor.
-        gw = gw.sum(0).view(C, 3, 3, C_in).permute(0, 3, 1, 2)
-        return gx, gw, gb.sum(0) if ctx.has_bias else None, None, None
+        return gx, gw.permute(0, 3, 1, 2), gb if ctx.has_bias else None, None, None
 
 
 def conv_pool(x: Tensor, conv: torch.nn.Conv2d, relu: bool = True) -> Tensor:
