@@ -162,6 +162,27 @@ def test_conv_pool_matches_conv_then_pool(relu, bf16):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bf16", [False, True])
+def test_conv_pool_without_bias(bf16):
+    from nnlab.nn import Conv2d
+
+    torch.manual_seed(2)
+    conv, x = Conv2d(1, 16, 3, padding=1, bias=False), torch.randn(3, 1, 8, 6)
+    g = torch.randn(3, 16, 4, 3)
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        conv.zero_grad(set_to_none=True)
+        ya = conv_reference(x, conv, True)
+        ya.backward(g.to(ya.dtype))
+        gwa = conv.weight.grad.clone()
+        conv.zero_grad(set_to_none=True)
+        yb = kernels.conv_pool(x, conv, True)
+        yb.backward(g.to(yb.dtype))
+    tol = dict(atol=1e-2, rtol=1e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(yb, ya, **tol)
+    torch.testing.assert_close(conv.weight.grad, gwa, **tol)
+
+
+@needs_kernel
 def test_conv_pool_ties_and_nans_follow_aten():
     """Zero weights make all four positions of every window tie (the first must win, as in ATen),
     and a NaN pixel must make its windows NaN."""

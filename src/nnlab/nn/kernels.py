@@ -94,7 +94,8 @@ def _build() -> ctypes.CDLL | None:
     for name in _TYPES.values():
         getattr(dll, f"pool2x2_fwd_{name}").argtypes = [P, P, P, L, L, L, L, I, I]
         getattr(dll, f"pool2x2_bwd_{name}").argtypes = [P, P, P, L, L, L, L, I]
-    dll.conv3x3_pool2x2_fwd.argtypes = [P, P, P, P, P, L, L, L, L, I, I, I]
+    dll.conv3x3_pool2x2_fwd.argtypes = [P, P, P, P, P, P, L, L, L, L, I, I, I]
+    dll.conv3x3_pool2x2_fwd.restype = I
     dll.conv3x3_pool2x2_bwd.argtypes = [P, P, P, P, P, L, L, L, L, I, I]
     dll.conv3x3_pool2x2_wgrad.argtypes = [P, P, P, P, P, L, L, L, L, L, I, I]
     dll.conv3x3_pool2x2_wgrad.restype = I
@@ -201,16 +202,17 @@ class _Conv3x3Pool2x2(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, bf16: bool, relu: bool) -> Tensor:
         N, _, H, W = x.shape
         C = weight.shape[0]
-        # bf16 mode sees the inputs a bf16 convolution sees: x, W and b rounded to bf16.
-        cast = (lambda t: t.detach().to(torch.bfloat16).float()) if bf16 else (lambda t: t.detach())
-        xpad = torch.nn.functional.pad(cast(x).reshape(N, H, W), (1, 1, 1, 1)).contiguous()
-        w = cast(weight).reshape(C, 9).t().contiguous()  # (9, C): tap-major, channels contiguous
-        b = cast(bias).contiguous() if bias is not None else torch.zeros(C)
+        # The kernel pads x (and in bf16 mode rounds x, W and b, as autocast would) into xpad, which
+        # the backward reads. (C, 1, 3, 3) and (N, 1, H, W) tensors are contiguous in either layout.
+        x, w = x.detach().contiguous(), weight.detach().contiguous()
+        b = bias.detach().contiguous().data_ptr() if bias is not None else None
+        xpad = torch.empty((N, H + 2, W + 2))
         dtype = torch.bfloat16 if bf16 else torch.float32
         y = torch.empty((N, C, H // 2, W // 2), dtype=dtype, memory_format=torch.channels_last)
         code = torch.empty((N, C, H // 2, W // 2), dtype=torch.uint8, memory_format=torch.channels_last)
-        library().conv3x3_pool2x2_fwd(xpad.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), code.data_ptr(),
-                                      N, H, W, C, int(bf16), int(relu), torch.get_num_threads())
+        if library().conv3x3_pool2x2_fwd(x.data_ptr(), w.data_ptr(), b, xpad.data_ptr(), y.data_ptr(),
+                                         code.data_ptr(), N, H, W, C, int(bf16), int(relu), torch.get_num_threads()):
+            raise MemoryError("conv3x3_pool2x2_fwd: out of memory for its scratch")
         ctx.save_for_backward(xpad, code)
         ctx.bf16, ctx.has_bias, ctx.dims = bf16, bias is not None, (N, H, W, C)
         return y
