@@ -6,8 +6,8 @@ the article writes it: a DataLoader over a TensorDataset, fp32. nnlab runs its `
 through nnlab.train, first as shipped (fp32), then with the switches that keep
 model, batch and optimizer: channels_last, and channels_last + precision=auto (bf16 autocast only
 where the hardware has it natively); then that last variant again with ATen in place of nnlab's
-own kernels (nn/kernels.c: the fused conv1 + pool + ReLU block and the 2x2 pool), so their share
-shows in the same run.
+own kernels (nn/kernels.c: the fused conv1 + pool + ReLU block, the 2x2 pool, and conv2's weight
+gradient from the pooled gradient), so their share shows in the same run.
 
 Every run is a fresh process (common.isolated), as a user's script would be. After the timing,
 3 epochs of the plain loop and of the fastest eager variant compare test accuracy.

@@ -206,7 +206,8 @@ def auto_note(res: dict) -> str:
 # ---- FLOP counts ---------------------------------------------------------------------------------
 
 def conv_fc_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-adds per sample of every Conv2d and Linear in one forward pass of x[:1]."""
+    """Multiply-adds per sample of every Conv2d and Linear in one forward pass of x[:1]. It hooks the
+    modules' forward, so count on a model that runs them all: nnlab's fused kernels bypass them."""
     macs = 0
 
     def count(m, inp, out):

@@ -90,3 +90,13 @@ def test_gpu_script_without_a_gpu_says_so_and_exits_0(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("\n") == 1 and "no CUDA GPU visible to torch" in r.stdout and torch.__version__ in r.stdout
     assert not (ROOT / "benchmarks" / "results-gpu.json").exists()
+
+
+def test_the_cnn_flop_count_sees_every_layer(monkeypatch):
+    """B1 and B5's MFU: the article's CNN does these multiply-adds per image, by hand."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from common import conv_fc_macs
+    from plain_cnn import Net
+
+    by_hand = 28 * 28 * 32 * 9 + 14 * 14 * 64 * 32 * 9 + 64 * 7 * 7 * 128 + 128 * 10
+    assert conv_fc_macs(Net(), torch.zeros(1, 1, 28, 28)) == by_hand
