@@ -123,8 +123,8 @@ POOL_KERNELS(f32, float, uint32_t, f32_to_float)
    (fp32), and writes xpad: x zero-padded to (N, H+2, W+2), rounded to bf16 in bf16 mode, which the
    backward reads. (Done by torch ops, this preparation took ~170 us of a batch-64 forward.) In bf16
    mode x, W and b are rounded to bf16 first, as autocast rounds a bf16 convolution's inputs, and
-   each conv output is rounded to bf16 (round to nearest even) before the max, as its output is. Float accumulation
-   order differs from oneDNN's, so values agree to rounding, not bit for bit. */
+   each conv output is rounded to bf16 (round to nearest even) before the max, as its output is.
+   Float accumulation order differs from oneDNN's, so values agree to rounding, not bit for bit. */
 /* The conv kernels work on 16 channels at a time in GCC vector types, with their accumulators in
    registers (forward: one per window position, through the 9 taps; backward: one per tap, along a
    row of windows). Written as plain loops over c, the compiler kept them in memory, and the kernels
@@ -176,6 +176,14 @@ static inline vf round_bf16_16(vf f) {  /* to the nearest bf16, ties to even; a 
     return (vf)iselect16(nan, (vi)((u | 0x00400000u) & 0xffff0000u), (vi)r);
 }
 #endif
+
+/* Elements o..o+15 of a bf16 (bf16 != 0) or fp32 array, as floats. */
+static inline vf load_grad16(const void *p, long o, int bf16) {
+    if (!bf16) return load16((const float *)p + o);
+    vh bits;
+    memcpy(&bits, (const uint16_t *)p + o, sizeof bits);
+    return (vf)(__builtin_convertvector(bits, vi) << 16);
+}
 
 /* The input pixel that tap t = (t/3, t%3) of window position k = (k/2, k%2) reads, in the 4x4 region
    whose top-left is x0. */
@@ -232,7 +240,8 @@ static inline __attribute__((always_inline)) void fwd_row(
 static inline float round_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) & 0xffff0000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) & 0xffff0000u
+                                         : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
     memcpy(&f, &u, 4);
     return f;
 }
@@ -289,14 +298,7 @@ static inline __attribute__((always_inline)) void bwd_row(
     for (int t = 0; t < 9; t++) acc[t] = (vf){0};
     for (long j = 0; j < Wo; j++, x0 += 2) {
         long o = j * C + c0;
-        vf g;
-        if (bf16) {
-            vh bits;
-            memcpy(&bits, (const uint16_t *)gy + o, sizeof bits);
-            g = (vf)(__builtin_convertvector(bits, vi) << 16);
-        } else {
-            g = load16((const float *)gy + o);
-        }
+        vf g = load_grad16(gy, o, bf16);
         vi k = load_codes16(code + o);
         vf gk[4];
         for (int kk = 0; kk < 4; kk++) gk[kk] = select16(k == kk, g, (vf){0});
@@ -425,14 +427,7 @@ int conv3x3_pool2x2_wgrad(const void *restrict x, const void *restrict gy, const
             for (long p = 0; p < P; p++)
                 for (long c0 = 0; c0 < Cout; c0 += LANES) {
                     long q = q0 + p * Cout + c0;
-                    vf g;
-                    if (bf16) {
-                        vh bits;
-                        memcpy(&bits, (const uint16_t *)gy + q, sizeof bits);
-                        g = (vf)(__builtin_convertvector(bits, vi) << 16);
-                    } else {
-                        g = load16((const float *)gy + q);
-                    }
+                    vf g = load_grad16(gy, q, bf16);
                     store16(tb + c0, load16(tb + c0) + select16(load_codes16(code + q) < 4, g, (vf){0}));
                 }
             for (long co = 0; co < Cout; co++) {
