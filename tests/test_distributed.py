@@ -64,6 +64,16 @@ def test_global_batch_must_divide_over_ranks(tmp_path, text_file):
     assert p.returncode != 0 and "train.batch_size: 7 is not divisible by world size 2" in p.stderr
 
 
+def test_fsdp_with_channels_last_conv_weights_is_a_config_error(tmp_path):
+    """FSDP2 cannot shard channels-last conv weights: one clear line, not torch's traceback."""
+    sets = ["--set", "train.strategy=fsdp", "--set", "data.limit=256", "--set", "train.max_steps=1"]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "nnlab", "train", "seed-cnn-fast", *sets, "--out", str(tmp_path / "run")], capture_output=True,
+                       text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0 and "train.channels_last: FSDP2 shards only contiguous parameters" in p.stderr
+    assert "NotImplementedError" not in p.stderr
+
+
 def _resume(run_dir, nproc, tmp_path):
     launch = [sys.executable, "-m", "nnlab"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "nnlab"]

@@ -89,6 +89,9 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     model.to(env.device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
+        if env.world_size > 1 and t.strategy == "fsdp" and not all(p.is_contiguous() for p in model.parameters()):
+            raise ConfigError("train.channels_last: FSDP2 shards only contiguous parameters, and this model's "
+                              "channels-last conv weights are not; set train.channels_last=false or train.strategy=ddp")
     n_params = sum(p.numel() for p in model.parameters())
 
     if env.is_main and not resume:
