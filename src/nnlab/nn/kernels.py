@@ -73,7 +73,12 @@ def _build() -> ctypes.CDLL | None:
         _state["why"] = "no C compiler found"
         return None
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    flags = FLAGS
+    if os.environ.get("NNLAB_KERNELS_MARCH"):
+        # Code for another processor than this one, e.g. x86-64-v3 (AVX2): to time the code an
+        # AVX2-only CPU runs, on this one.
+        flags = [f.replace("-march=native", "-march=" + os.environ["NNLAB_KERNELS_MARCH"]) for f in FLAGS]
+    key = hashlib.sha256(src + " ".join([cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"kernels-{key}.so"
     try:
         try:
@@ -82,7 +87,7 @@ def _build() -> ctypes.CDLL | None:
             lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # build beside, then rename: atomic
                 out = Path(tmp) / lib.name
-                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True, timeout=120)
+                subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], check=True, capture_output=True, timeout=120)
                 os.replace(out, lib)
             dll = ctypes.CDLL(str(lib))
     except (OSError, subprocess.SubprocessError) as e:
