@@ -114,5 +114,6 @@ def test_seed_cnn_runs_nnlabs_kernels(monkeypatch, layout, precision):
     with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
         out = model(example_input("seed-cnn"))
     out.float().sum().backward()
-    assert calls == ["conv_pool", "conv_pool"]
+    # Without AVX-512 the conv kernels are slower than ATen's, and only the pools run on nnlab's kernel.
+    assert calls == (["conv_pool", "conv_pool"] if kernels.conv_native() else ["pool2x2", "pool2x2"])
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

@@ -104,7 +104,9 @@ def _build() -> ctypes.CDLL | None:
     dll.conv3x3_pool2x2_bwd.argtypes = [P, P, P, P, P, L, L, L, L, I, I]
     dll.conv3x3_pool2x2_wgrad.argtypes = [P, P, P, P, P, L, L, L, L, L, I, I]
     dll.conv3x3_pool2x2_wgrad.restype = I
-    _state["why"] = f"built {lib}"
+    dll.conv_kernels_native.restype = I
+    _state["conv"] = bool(dll.conv_kernels_native())
+    _state["why"] = f"built {lib}" + ("" if _state["conv"] else "; conv kernels off: no AVX-512, ATen's are faster")
     return dll
 
 
@@ -112,6 +114,11 @@ def library() -> ctypes.CDLL | None:
     if "lib" not in _state:
         _state["lib"] = _build()
     return _state["lib"]
+
+
+def conv_native() -> bool:
+    """Whether the conv kernels run here (built, and the CPU has AVX-512); the pool kernel needs only a build."""
+    return library() is not None and _state["conv"]
 
 
 def status() -> str:
@@ -188,9 +195,11 @@ def supports_conv_pool(x: Tensor, conv: torch.nn.Conv2d) -> bool:
     - one input channel: x (N, 1, H, W) fp32, no gradient wanted for x, C_out a multiple of 16 (the
       kernel's vector width);
     - C_in and C_out multiples of 16: x channels-last, fp32 (or bf16 under autocast), and x may need
-      a gradient (ATen computes it)."""
+      a gradient (ATen computes it).
+    Only on CPUs with AVX-512: elsewhere these kernels were slower than ATen (kernels.c says by how much)."""
     w = conv.weight
     if not (_poolable(x)  # first: under jit tracing nothing below is looked at
+            and _state["conv"]  # set by _poolable's library(): kernels.c's conv_kernels_native()
             and w.device.type == "cpu" and w.dtype == torch.float32 and tuple(w.shape[2:]) == (3, 3)
             and w.shape[0] % 16 == 0 and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
