@@ -428,12 +428,8 @@ int conv3x3_pool2x2_wgrad(const void *restrict x, const void *restrict gy, const
             for (long y = 0; y < H; y++)
                 for (long xx = 0; xx < W; xx++) {
                     long s = ((n * H + y) * W + xx) * Cin, d = ((y + 1) * Wp + xx + 1) * B;
-                    for (long c0 = 0; c0 < Cin; c0 += B, d += plane * B, s += B) {
-                        if (bf16)
-                            for (long c = 0; c < B; c++) xf[d + c] = bf16_to_float(((const uint16_t *)x)[s + c]);
-                        else
-                            memcpy(xf + d, (const float *)x + s, B * sizeof(float));
-                    }
+                    for (long c0 = 0; c0 < Cin; c0 += B, d += plane * B, s += B)
+                        for (long c = 0; c < B; c += LANES) store16(xf + d + c, load_grad16(x, s + c, bf16));
                 }
             const long q0 = n * P * Cout;
             /* Bias: the sum of the gradients that pass (code < 4), 16 output channels at a time. */

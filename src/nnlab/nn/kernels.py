@@ -7,8 +7,9 @@ oneDNN computes densely (kernels.c says why ATen is slow there):
 - `conv_pool(x, conv, relu)`: max_pool2d(conv(x), 2) (then ReLU) for a 3x3 convolution.
   - One input channel (block 1): one pass that never writes the full-size conv output; it
     declines inputs that need a gradient (attacks and saliency then take the unfused path).
-  - Input channels a multiple of 16 (block 2): ATen convolves and computes the input gradient, the pool kernel
-    pools, and the weight gradient is summed from the pooled gradient, at the windows' winners only.
+  - Input channels a multiple of 16 (block 2): ATen convolves and computes the input gradient,
+    the pool kernel pools, and the weight gradient is summed from the pooled gradient, at the
+    windows' winners only.
   Equal to the unfused path up to float rounding, in fp32 and under bf16 autocast.
   `supports_conv_pool(x, conv)`.
 tests/test_kernels.py compares each with ATen. Callers use ATen whenever `supports*` says no.
@@ -117,7 +118,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def conv_native() -> bool:
-    """Whether the conv kernels run here (built, and the CPU has AVX-512); the pool kernel needs only a build."""
+    """Whether the conv kernels run here (built, and the CPU has AVX-512); the pool kernel needs only
+    a build."""
     return library() is not None and _state["conv"]
 
 
@@ -196,7 +198,8 @@ def supports_conv_pool(x: Tensor, conv: torch.nn.Conv2d) -> bool:
       kernel's vector width);
     - C_in and C_out multiples of 16: x channels-last, fp32 (or bf16 under autocast), and x may need
       a gradient (ATen computes it).
-    Only on CPUs with AVX-512: elsewhere these kernels were slower than ATen (kernels.c says by how much)."""
+    Only on CPUs with AVX-512: elsewhere these kernels were slower than ATen's (kernels.c: by how
+    much)."""
     w = conv.weight
     if not (_poolable(x)  # first: under jit tracing nothing below is looked at
             and _state["conv"]  # set by _poolable's library(): kernels.c's conv_kernels_native()
@@ -208,7 +211,7 @@ def supports_conv_pool(x: Tensor, conv: torch.nn.Conv2d) -> bool:
     if x.shape[1] == 1:
         return x.dtype == torch.float32 and not x.requires_grad
     return (x.shape[1] % 16 == 0 and x.is_contiguous(memory_format=torch.channels_last)
-            and x.dtype in (torch.float32, torch.bfloat16) and (x.dtype == torch.float32 or _autocast_mode() == "bf16"))
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _autocast_mode() == "bf16")))
 
 
 class _Conv3x3Pool2x2(torch.autograd.Function):
