@@ -109,6 +109,11 @@ def test_max_autotune_times_gemm_kernels_and_matches_eager(tmp_path, text_file, 
 
     # A graph found in inductor's on-disk cache is not autotuned again: compile afresh.
     monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    # The GEMMs inductor templates here are attention's batched matmuls (not the Linear layers'),
+    # which nnlab's attention kernel replaces: take SDPA's path so there is something to autotune.
+    from nnlab.nn import attention
+
+    monkeypatch.setattr(attention, "supports", lambda *a: False)
     eager, compiled = compiled_losses(tmp_path, text_file, "train.precision=bf16",
                                       "train.compile_mode=max-autotune-no-cudagraphs")
     assert dynamo.utils.counters["inductor"]["select_algorithm_autotune"] > 0

@@ -13,8 +13,9 @@ oneDNN computes densely (kernels.c says why ATen is slow there):
   Equal to the unfused path up to float rounding, in fp32 and under bf16 autocast.
   `supports_conv_pool(x, conv)`.
 tests/test_kernels.py compares each with ATen. Callers use ATen whenever `supports*` says no.
+The same library holds attention.c, the self-attention kernel that nn/attention.py wraps.
 
-kernels.c is compiled on first use into the user's cache folder and loaded with ctypes: a plain C
+kernels.c (with attention.c) is compiled on first use into the user's cache folder and loaded with ctypes: a plain C
 file needs no torch headers, so it builds in about a second. The build is keyed by the source, the
 flags and the CPU (it uses -march=native), so a cache folder shared between machines never loads a
 binary built for another processor. Without a C compiler, or with NNLAB_NO_KERNELS=1 set, every
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = [SOURCE, Path(__file__).with_name("attention.c")]  # one library; attention.py calls the second
 # -ffp-contract=fast: multiply-adds as FMAs (-std=c11 alone turns that off; 1.5x on the conv kernel).
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 if platform.machine() in ("x86_64", "AMD64"):
@@ -73,7 +75,7 @@ def _build() -> ctypes.CDLL | None:
     if cc is None:
         _state["why"] = "no C compiler found"
         return None
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     flags = FLAGS
     if os.environ.get("NNLAB_KERNELS_MARCH"):
         # Code for another processor than this one, e.g. x86-64-v3 (AVX2): to time the code an
@@ -88,7 +90,7 @@ def _build() -> ctypes.CDLL | None:
             lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # build beside, then rename: atomic
                 out = Path(tmp) / lib.name
-                subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], check=True, capture_output=True, timeout=120)
+                subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
                 os.replace(out, lib)
             dll = ctypes.CDLL(str(lib))
     except (OSError, subprocess.SubprocessError) as e:
@@ -106,6 +108,10 @@ def _build() -> ctypes.CDLL | None:
     dll.conv3x3_pool2x2_wgrad.argtypes = [P, P, P, P, P, L, L, L, L, L, I, I]
     dll.conv3x3_pool2x2_wgrad.restype = I
     dll.conv_kernels_native.restype = I
+    F = ctypes.c_float
+    dll.attention_fwd.argtypes = [P, P, P, L, L, L, L, F, I, I, I]
+    dll.attention_bwd.argtypes = [P, P, P, P, P, L, L, L, L, F, I, I, I]
+    dll.attention_fwd.restype = dll.attention_bwd.restype = I
     _state["conv"] = bool(dll.conv_kernels_native())
     _state["why"] = f"built {lib}" + ("" if _state["conv"] else "; conv kernels off: no AVX-512, ATen's are faster")
     return dll

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnlab import ops
-from nnlab.nn import kernels
+from nnlab.nn import attention, kernels
 
 
 class Dense(nn.Linear):
@@ -70,8 +70,9 @@ class SelfAttention(nn.Module):
 
     The heads' W_Q, W_K, W_V are stacked into one (3*C, C) projection `qkv` (the layout of
     nn.MultiheadAttention's in_proj_weight), and the heads' outputs are concatenated and mixed by
-    `proj`. The explicit path runs ops.attention step by step; the fast path calls
-    F.scaled_dot_product_attention (a flash kernel on CPU and GPU), which never materialises A.
+    `proj`. The explicit path runs ops.attention step by step. The fast path, on CPU, runs nnlab's
+    kernel (nn/attention.py) on the fused projection's output; elsewhere, and with a KV cache or
+    attention dropout, F.scaled_dot_product_attention (a flash kernel on CPU and GPU).
 
     forward(x, past_kv=None, need_weights=False) -> (y, A or None, (K, V))
       past_kv: cached (K, V) of earlier positions, each (B, n_head, T_past, d_k), for generation.
@@ -90,7 +91,14 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, past_kv: tuple[Tensor, Tensor] | None = None, need_weights: bool = False):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
+        qkv = self.qkv(x)  # (B, T, 3C)
+        dropout = self.dropout if self.training else 0.0
+        if not (self.explicit or need_weights or past_kv is not None) and attention.supports(qkv, self.n_head, dropout):
+            # nnlab's CPU kernel (nn/attention.c): every head in one call, straight from qkv.
+            y = attention.fused_attention(qkv, self.n_head, self.causal)  # (B, T, C)
+            k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv[..., C:].split(C, dim=2))
+            return self.resid_drop(self.proj(y)), None, (k, v)
+        q, k, v = qkv.split(C, dim=2)  # each (B, T, C)
         # (B, T, C) -> (B, n_head, T, d_k): every head attends independently.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if past_kv is not None:

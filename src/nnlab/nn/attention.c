@@ -1,0 +1,283 @@
+/* Self-attention for short sequences, forward and backward, on the CPU. Loaded by kernels.py.
+
+   Why by hand: the baby GPT's attention (batch 12, 4 heads, 64 tokens, d_k 32) is 48 products of
+   64x64 matrices per layer. ATen runs each step of it (QK^T, mask, softmax, AV, and five more in
+   backward) as a separate batched op with its own dispatch, allocation and memory pass, and its
+   bf16 batched matmuls pay oneDNN's per-call setup. In a compiled bf16 training step attention
+   took ~13 of ~33 ms. Here one call per direction does a whole (batch, head) pair at a time in
+   a thread's L1/L2: Q, K, V (and in backward O, dO) are copied once into fp32 scratch, the T x T
+   scores stay in that scratch, and nothing else is written but the results.
+
+   Layout: qkv is the fused projection's output, (B, T, 3C) row-major, C = H * D, with query,
+   key and value of head h at columns h*D, C + h*D, 2C + h*D: the attention reads it in place,
+   with no split, transpose or copy by the caller. y is (B, T, C) with head h at columns h*D (the
+   heads already side by side), and dqkv has qkv's layout. lse (B, H, T) keeps each query row's
+   log-sum-exp for the backward, which recomputes the probabilities instead of storing them
+   (as flash attention does). All arithmetic is fp32; bf16 tensors are widened on load and
+   rounded to nearest even on store, so bf16 results differ from fp32 ones by that rounding only.
+
+   The products use GCC vector types as wide as the CPU's own vectors (VL below: 16 floats with
+   AVX-512, 8 with AVX2), not kernels.c's fixed 16, which gcc split and spilled on AVX2. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* e^x for x <= 0 (what softmax takes after subtracting the row maximum): 2^n * e^r with
+   |r| <= ln2/2 and Cephes' degree-7 polynomial for e^r, within 2 ulp of expf; 0 below -87 (where
+   e^x would be denormal), NaN for NaN. Written branch-free so the loops calling it vectorize. */
+static inline float exp_nonpos(float x) {
+    float xc = x < -87.0f ? -87.0f : x;
+    float n = __builtin_rintf(xc * 1.44269504088896341f);
+    float r = xc - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &bits, 4);
+    return x < -87.0f ? 0.0f : p * s;
+}
+
+/* The products below are small (T x T and T x D per (batch, head) pair) and stay in L1/L2, so
+   what bounds them is loads, not memory: a 4-row x 2-vector register tile loads 2 vectors of B and
+   4 scalars of A for its 8 FMAs per k. VL is the CPU's vector width in floats; every scratch row
+   is padded to a multiple of NV = 2 VL columns (zeros), so no tile needs a remainder loop. */
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+#define NV (2 * VL)
+#define MR 4
+typedef float vec __attribute__((vector_size(VL * 4)));
+
+static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
+static inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
+
+/* C[i][n] = sum over k in [k0, k1) of A(i, k) B[k][n], for the MR rows from c and the NV columns
+   from n0. A(i, k) = a[i * sai + k * sak] (so A can be a transpose in place); B is row-major with
+   row stride ldb. */
+static inline void tile(float *restrict c, long ldc, const float *restrict a, long sai, long sak,
+                        const float *restrict b, long ldb, long k0, long k1) {
+    vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};
+    for (long k = k0; k < k1; k++) {
+        const vec b0 = vload(b + k * ldb), b1 = vload(b + k * ldb + VL);
+        const float *ak = a + k * sak;
+        const float a0 = ak[0], a1 = ak[sai], a2 = ak[2 * sai], a3 = ak[3 * sai];
+        c00 += a0 * b0, c01 += a0 * b1, c10 += a1 * b0, c11 += a1 * b1;
+        c20 += a2 * b0, c21 += a2 * b1, c30 += a3 * b0, c31 += a3 * b1;
+    }
+    vstore(c, c00), vstore(c + VL, c01), vstore(c + ldc, c10), vstore(c + ldc + VL, c11);
+    vstore(c + 2 * ldc, c20), vstore(c + 2 * ldc + VL, c21), vstore(c + 3 * ldc, c30), vstore(c + 3 * ldc + VL, c31);
+}
+
+/* C (M x N, row stride ldc) = A B with k in [0, K), where a causal product skips what the mask
+   zeroes: mode 1 (scores) computes only columns n <= the tile's last row; mode 2 (A's columns
+   past a row are zero: P V, dS K) stops k after the tile's last row; mode 3 (A is the transpose
+   of a lower-triangular matrix: P^T dO, dS^T Q) starts k at the tile's first row. M, N multiples
+   of MR and NV. Entries a mode-1 product skips are left as they were. */
+static void matmul(float *restrict c, long ldc, const float *restrict a, long sai, long sak, const float *restrict b,
+                   long ldb, long M, long N, long K, int mode) {
+    for (long i = 0; i < M; i += MR) {
+        long k0 = mode == 3 ? i : 0, k1 = mode == 2 && i + MR < K ? i + MR : K;
+        for (long n = 0; n < N && (mode != 1 || n < i + MR); n += NV)
+            tile(c + i * ldc + n, ldc, a + i * sai, sai, sak, b + n, ldb, k0, k1);
+    }
+}
+
+/* One (batch, head) pair's scratch, fp32, rows padded with zeros: Q (times scale), K, V, dO as
+   (Tp, Dp); K and V transposed, (Dp, Tp); scores/probabilities and their gradient, (Tp, Tp);
+   the results, (Tp, Dp). Tp, Dp: T and D rounded up to NV. */
+typedef struct {
+    long T, D, Tp, Dp;
+    float *q, *k, *v, *kt, *vt, *dout, *p, *ds, *r1, *r2, *r3;
+} Scratch;
+
+static float *scratch_alloc(Scratch *s, long T, long D) {
+    s->T = T, s->D = D, s->Tp = round_up(T, NV), s->Dp = round_up(D, NV);
+    long td = s->Tp * s->Dp, tt = s->Tp * s->Tp;
+    float *buf = calloc(9 * td + 2 * tt, sizeof(float));
+    if (buf) {
+        s->q = buf, s->k = s->q + td, s->v = s->k + td, s->kt = s->v + td, s->vt = s->kt + td;
+        s->dout = s->vt + td, s->r1 = s->dout + td, s->r2 = s->r1 + td, s->r3 = s->r2 + td;
+        s->p = s->r3 + td, s->ds = s->p + tt;
+    }
+    return buf;
+}
+
+/* Rows t of one pair's (T, D) slice of a (B, T, stride) tensor at column col into dst (row
+   stride Dp), times mul; with dstt, also transposed (row stride Tp). */
+static void load_rows(float *restrict dst, float *restrict dstt, const void *src, long stride, long col,
+                      const Scratch *s, long b, float mul, int bf16) {
+    for (long t = 0; t < s->T; t++) {
+        float *restrict d = dst + t * s->Dp;
+        const long o = (b * s->T + t) * stride + col;
+        if (bf16) {
+            const uint16_t *restrict r = (const uint16_t *)src + o;
+#pragma omp simd
+            for (long c = 0; c < s->D; c++) {
+                uint32_t u = (uint32_t)r[c] << 16;
+                float f;
+                memcpy(&f, &u, 4);
+                d[c] = f * mul;
+            }
+        } else {
+            const float *restrict r = (const float *)src + o;
+#pragma omp simd
+            for (long c = 0; c < s->D; c++)
+                d[c] = r[c] * mul;
+        }
+        if (dstt)
+            for (long c = 0; c < s->D; c++)
+                dstt[c * s->Tp + t] = d[c];
+    }
+}
+
+static void store_rows(void *dst, long stride, long col, const float *restrict src, const Scratch *s, long b,
+                       float mul, int bf16) {
+    for (long t = 0; t < s->T; t++) {
+        const float *restrict r = src + t * s->Dp;
+        const long o = (b * s->T + t) * stride + col;
+        if (bf16) {
+            uint16_t *restrict d = (uint16_t *)dst + o;
+#pragma omp simd
+            for (long c = 0; c < s->D; c++) {
+                float f = r[c] * mul;
+                uint32_t u;  /* nearest even, as torch's float -> bfloat16 cast; a NaN stays a NaN */
+                memcpy(&u, &f, 4);
+                u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+                d[c] = (uint16_t)(u >> 16);
+            }
+        } else {
+            float *restrict d = (float *)dst + o;
+#pragma omp simd
+            for (long c = 0; c < s->D; c++)
+                d[c] = r[c] * mul;
+        }
+    }
+}
+
+/* Row i of the scores in p (Tp wide) -> its probabilities: exp(s - lse) with lse given, or
+   softmax (then the row's log-sum-exp is returned). Columns past the causal mask (or past T) are
+   set to 0, so the products after it may run over the whole padded row. The loops go VL columns
+   at a time with per-lane partial results: with a bound of n, gcc left the tail of each row to
+   scalar code, which took longer than the vector part. */
+static float softmax_row(float *restrict p, long n, long Tp, const float *lse) {
+    const long nv = round_up(n, VL);
+    float m = p[0], l = 0.0f, part[VL];
+    if (lse) {
+        m = *lse;
+    } else {
+        for (long jj = 0; jj < VL; jj++)
+            part[jj] = p[0];
+        for (long j0 = 0; j0 < nv; j0 += VL)
+            for (long jj = 0; jj < VL; jj++)
+                part[jj] = j0 + jj < n && p[j0 + jj] > part[jj] ? p[j0 + jj] : part[jj];
+        for (long jj = 0; jj < VL; jj++)
+            m = part[jj] > m ? part[jj] : m;
+    }
+    for (long jj = 0; jj < VL; jj++)
+        part[jj] = 0.0f;
+    for (long j0 = 0; j0 < nv; j0 += VL)
+        for (long jj = 0; jj < VL; jj++) {
+            float e = j0 + jj < n ? exp_nonpos(p[j0 + jj] - m) : 0.0f;
+            p[j0 + jj] = e;
+            part[jj] += e;
+        }
+    memset(p + nv, 0, sizeof(float) * (Tp - nv));
+    if (lse)
+        return m;
+    for (long jj = 0; jj < VL; jj++)
+        l += part[jj];
+    const float inv = 1.0f / l;
+    for (long j = 0; j < nv; j++)
+        p[j] *= inv;
+    return m + logf(l);
+}
+
+/* y = softmax(scale * Q K^T (+ causal mask)) V and lse = each row's log-sum-exp of its scaled
+   scores. Returns 0, or -1 if a thread's scratch could not be allocated. */
+int attention_fwd(const void *restrict qkv, void *restrict y, float *restrict lse, long B, long T, long H, long D,
+                  float scale, int causal, int bf16, int threads) {
+    int failed = 0;
+    const long C = H * D;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        Scratch s;
+        float *buf = scratch_alloc(&s, T, D);
+        failed = !buf;
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < B * H; bh++) {
+            if (failed)
+                continue;
+            const long b = bh / H, h = bh % H, Tp = s.Tp, Dp = s.Dp;
+            load_rows(s.q, NULL, qkv, 3 * C, h * D, &s, b, scale, bf16);
+            load_rows(s.k, s.kt, qkv, 3 * C, C + h * D, &s, b, 1.0f, bf16);
+            load_rows(s.v, NULL, qkv, 3 * C, 2 * C + h * D, &s, b, 1.0f, bf16);
+            matmul(s.p, Tp, s.q, Dp, 1, s.kt, Tp, Tp, Tp, Dp, causal);  /* S = (scale Q) K^T */
+            for (long i = 0; i < T; i++)
+                lse[bh * T + i] = softmax_row(s.p + i * Tp, causal ? i + 1 : T, Tp, NULL);
+            matmul(s.r1, Dp, s.p, Tp, 1, s.v, Dp, Tp, Dp, causal ? Tp : T, causal ? 2 : 0);  /* O = P V */
+            store_rows(y, C, h * D, s.r1, &s, b, 1.0f, bf16);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* dqkv from dy, given the forward's qkv, y and lse. With P recomputed from Q, K and lse:
+   dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q.
+   Returns 0, or -1 if a thread's scratch could not be allocated. */
+int attention_bwd(const void *restrict qkv, const void *restrict y, const void *restrict dy,
+                  const float *restrict lse, void *restrict dqkv, long B, long T, long H, long D, float scale,
+                  int causal, int bf16, int threads) {
+    int failed = 0;
+    const long C = H * D;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        Scratch s;
+        float *buf = scratch_alloc(&s, T, D);
+        failed = !buf;
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < B * H; bh++) {
+            if (failed)
+                continue;
+            const long b = bh / H, h = bh % H, Tp = s.Tp, Dp = s.Dp, K = causal ? Tp : T;
+            load_rows(s.q, NULL, qkv, 3 * C, h * D, &s, b, scale, bf16);
+            load_rows(s.k, s.kt, qkv, 3 * C, C + h * D, &s, b, 1.0f, bf16);
+            load_rows(s.v, s.vt, qkv, 3 * C, 2 * C + h * D, &s, b, 1.0f, bf16);
+            load_rows(s.dout, NULL, dy, C, h * D, &s, b, 1.0f, bf16);
+            load_rows(s.r1, NULL, y, C, h * D, &s, b, 1.0f, bf16);  /* O, for rowsum(dO * O) */
+            matmul(s.p, Tp, s.q, Dp, 1, s.kt, Tp, Tp, Tp, Dp, causal);      /* S */
+            matmul(s.ds, Tp, s.dout, Dp, 1, s.vt, Tp, Tp, Tp, Dp, causal);  /* dP = dO V^T */
+            for (long i = 0; i < T; i++) {
+                float *restrict p = s.p + i * Tp, *restrict ds = s.ds + i * Tp, di = 0.0f;
+                for (long c = 0; c < D; c++)
+                    di += s.dout[i * Dp + c] * s.r1[i * Dp + c];
+                softmax_row(p, causal ? i + 1 : T, Tp, lse + bh * T + i);
+#pragma omp simd
+                for (long j = 0; j < Tp; j++)
+                    ds[j] = p[j] * (ds[j] - di);  /* 0 wherever p is */
+            }
+            for (long i = T; i < Tp; i++)  /* padding rows: no probability, no gradient */
+                memset(s.p + i * Tp, 0, sizeof(float) * Tp), memset(s.ds + i * Tp, 0, sizeof(float) * Tp);
+            matmul(s.r1, Dp, s.ds, Tp, 1, s.k, Dp, Tp, Dp, K, causal ? 2 : 0);     /* dS K */
+            matmul(s.r2, Dp, s.ds, 1, Tp, s.q, Dp, Tp, Dp, K, causal ? 3 : 0);     /* dS^T (scale Q) */
+            matmul(s.r3, Dp, s.p, 1, Tp, s.dout, Dp, Tp, Dp, K, causal ? 3 : 0);   /* P^T dO */
+            store_rows(dqkv, 3 * C, h * D, s.r1, &s, b, scale, bf16);
+            store_rows(dqkv, 3 * C, C + h * D, s.r2, &s, b, 1.0f, bf16);
+            store_rows(dqkv, 3 * C, 2 * C + h * D, s.r3, &s, b, 1.0f, bf16);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
