@@ -155,3 +155,12 @@ def test_max_bad_steps_skips_a_bad_batch(tmp_path, text_file, monkeypatch, one_t
     assert summary["bad_steps"] == 1 and summary["steps"] == 8
     w, _ = load_tensors(run / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_compile_options_keep_the_mode_and_add_a_cpp_wrapper_on_cpu():
+    from nnlab.train.distributed import compile_options
+
+    assert compile_options("default", torch.device("cpu")) == {"cpp_wrapper": True}
+    auto = compile_options("max-autotune-no-cudagraphs", torch.device("cpu"))
+    assert auto["max_autotune"] is True and auto["cpp_wrapper"] is True
+    assert "cpp_wrapper" not in compile_options("max-autotune", torch.device("cuda"))

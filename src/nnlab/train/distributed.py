@@ -86,6 +86,22 @@ def grad_sync(fmodel: nn.Module, sync: bool):
         yield
 
 
+def compile_options(mode: str, device: torch.device) -> dict:
+    """torch.compile's options for `mode` (what mode=... would set), plus, on CPU, a C++ wrapper.
+
+    Why the wrapper: by default inductor's generated code calls each of its kernels and extern ops
+    from Python, and for the baby GPT's training step (batch 12, ~100 kernel calls of 0.1 MB tensors)
+    that Python was a fifth of the step: interleaved runs of the compiled bf16 step took 25.3-26.1 ms
+    with cpp_wrapper against 31.8-33.3 ms without (AMX Xeon, 2 threads). A cold first compile took
+    46 instead of 43 s."""
+    import torch._inductor
+
+    options = dict(torch._inductor.list_mode_options(mode))
+    if device.type == "cpu":
+        options["cpp_wrapper"] = True
+    return options
+
+
 def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env, compile_mode: str = "default") -> nn.Module:
     """Wrap the single-device model for speed and scale; returns the module to call in the loop.
 
@@ -102,7 +118,7 @@ def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env, compil
         fully_shard(model)
     if compile:
         try:
-            model = torch.compile(model, mode=compile_mode)
+            model = torch.compile(model, options=compile_options(compile_mode, env.device))
             # Compilation happens lazily, at the first forward: a graph that fails to compile
             # there (no C compiler, an unsupported op) then runs eager instead of ending the run.
             import torch._dynamo as dynamo  # (`import torch._dynamo` would make `torch` a local name here)

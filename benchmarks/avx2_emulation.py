@@ -1,0 +1,79 @@
+"""B1's or B3's fp32 rows on an AVX-512 machine with every library held to AVX2 code: an emulation
+of an AVX2-only CPU's code paths (not of its caches, clocks or memory), for when none is at hand.
+
+    python benchmarks/avx2_emulation.py [--bench B1|B3] [--repeats 5]
+
+Each side runs in a fresh process (as in B1) with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2,
+MKL_ENABLE_INSTRUCTIONS=AVX2 and NNLAB_KERNELS_MARCH=x86-64-v3. Only fp32 variants: without
+AVX-512 bf16 runs oneDNN's slow reference code, which B1 measures on real AVX2 machines anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "NNLAB_KERNELS_MARCH": "x86-64-v3"}
+os.environ.update(AVX2)  # before torch loads, here and in every subprocess (they inherit it)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import b1_cnn  # noqa: E402
+import b3_gpt  # noqa: E402
+from common import (Ctx, conv_fc_macs, fmt, gpt_train_flops_per_token, isolated, matmul_peak, summarize,  # noqa: E402
+                    time_nnlab)
+from plain_cnn import Net  # noqa: E402
+
+from nnlab.models.gpt import GPT, GPTConfig  # noqa: E402
+
+# Per benchmark: the plain loop (name, function, its arguments after the device), nnlab's recipe,
+# its variants (name, overrides, timing function), steps (warm-up, timed), FLOPs per item and unit.
+BENCH = {
+    "B1": dict(plain=("plain loop (article: DataLoader, fp32)", b1_cnn.plain, (10, 400, None)), recipe="seed-cnn",
+               variants=[("nnlab seed-cnn (recipe as shipped, fp32)", {}, time_nnlab),
+                         ("nnlab + channels_last (fp32)", {"train.channels_last": True}, time_nnlab),
+                         ("nnlab + channels_last, ATen only (NNLAB_NO_KERNELS=1)", {"train.channels_last": True},
+                          b1_cnn.time_nnlab_aten_only)],
+               steps=(10, 400), flops=lambda: 3 * 2 * conv_fc_macs(Net(), torch.zeros(1, 1, 28, 28)), unit="samples"),
+    "B3": dict(plain=("plain loop (nanoGPT-style, fp32)", b3_gpt.plain, (10, 100)), recipe="gpt-shakespeare",
+               variants=[("nnlab gpt-shakespeare (fp32, as shipped)", {}, time_nnlab),
+                         ("nnlab + compile (fp32)", {"train.compile": True}, time_nnlab)],
+               steps=(10, 100), flops=lambda: gpt_train_flops_per_token(GPT(GPTConfig(vocab_size=65)), b3_gpt.BLOCK),
+               unit="tokens"),
+}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--bench", choices=sorted(BENCH), default="B1")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    b = BENCH[args.bench]
+    ctx = Ctx(quick=False, repeats=args.repeats, device=torch.device("cpu"),
+              machine={"threads": torch.get_num_threads()})
+    peak = matmul_peak(torch.float32, 2048, ctx.device) * 1e9  # under the same settings, as MFU's denominator
+    flops = b["flops"]()  # per training sample (B1) or token (B3), as the benchmark counts them
+    plain_name, plain_fn, plain_args = b["plain"]
+    extra = {"data.path": str(b3_gpt.text_path()), "train.eval_iters": 1} if args.bench == "B3" else {}
+    print("# " + " ".join(f"{k}={v}" for k, v in AVX2.items()) + f"; ATen's CPU capability here: "
+          f"{torch.backends.cpu.get_cpu_capability()}; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    raw = {plain_name: [], **{n: [] for n, _, _ in b["variants"]}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):  # in turn, so drift hits every side alike
+            raw[plain_name].append(isolated(ctx, plain_fn, "cpu", *plain_args)["rate"])
+            for i, (name, ov, fn) in enumerate(b["variants"]):
+                raw[name].append(isolated(ctx, fn, b["recipe"], {**extra, **ov}, *b["steps"], f"{tmp}/{i}-{r}")["rate"])
+    for name, rates in raw.items():
+        ratio = summarize([x / y for x, y in zip(rates, raw[plain_name])])
+        mfu = summarize([r * flops / peak for r in rates])
+        print(f"{name:55s} {fmt(summarize(rates))} {b['unit']}/s  ratio {fmt(ratio, '.2f', suffix='x')}  "
+              f"MFU {fmt(mfu, '.1%')}")
+
+
+if __name__ == "__main__":
+    main()
