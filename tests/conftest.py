@@ -122,3 +122,18 @@ def run_cli(tmp_path_factory):
                               timeout=timeout, env=cli_env())
 
     return run
+
+
+@pytest.fixture
+def avx2_build(tmp_path, monkeypatch):
+    """Call it to make nnlab's kernels rebuild (into tmp_path) for x86-64-v3, the code an AVX2-only CPU
+    gets; it checks that the next build really went there."""
+    from nnlab.nn import kernels
+
+    def switch():
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.setenv("NNLAB_KERNELS_MARCH", "x86-64-v3")
+        monkeypatch.setattr(kernels, "_state", {})
+        assert kernels.status().startswith(f"built {tmp_path}"), kernels.status()
+
+    return switch

@@ -272,7 +272,7 @@ def test_wide_conv_pool_ties_follow_aten():
 @needs_kernel
 @pytest.mark.skipif(platform.machine() != "x86_64" or not {"avx2", "fma", "bmi2", "movbe", "f16c"} <= cpu_flags(),
                     reason="needs an x86 CPU that runs x86-64-v3 code")
-def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(tmp_path, monkeypatch):
+def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(avx2_build):
     """CPUs without AVX-512 (the AVX2-only EPYC) get other code: 8-lane vectors, and bf16 rounding by
     bit arithmetic instead of vcvtneps2bf16. Build for such a CPU here and compare: per lane the same
     multiply-adds in the same order, so the outputs must agree bit for bit (these inputs give no
@@ -296,11 +296,8 @@ def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(tmp_path, monkey
         return y, gw, gb, kernels.pool2x2(xp, True), xg.grad, gw2, gb2
 
     native = run()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("NNLAB_KERNELS_MARCH", "x86-64-v3")
-    monkeypatch.setattr(kernels, "_state", {})
+    avx2_build()
     portable = run()
-    assert kernels.status().startswith(f"built {tmp_path}"), kernels.status()
     # Correct there, but slow (kernels.c: conv_kernels_native): seed-cnn leaves the conv kernels to ATen.
     assert not kernels.conv_native() and kernels.supports(xp)
     assert not kernels.supports_conv_pool(x, conv)

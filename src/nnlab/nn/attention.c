@@ -204,80 +204,93 @@ static float softmax_row(float *restrict p, long n, long Tp, const float *lse) {
     return m + logf(l);
 }
 
-/* y = softmax(scale * Q K^T (+ causal mask)) V and lse = each row's log-sum-exp of its scaled
-   scores. Returns 0, or -1 if a thread's scratch could not be allocated. */
-int attention_fwd(const void *restrict qkv, void *restrict y, float *restrict lse, long B, long T, long H, long D,
-                  float scale, int causal, int bf16, int threads) {
+/* One call's arguments; every (batch, head) pair reads and writes its own slices of them. */
+typedef struct {
+    const void *qkv, *y, *dy;  /* y: the forward's output, read by the backward */
+    void *out;                 /* y (forward) or dqkv (backward) */
+    float *lse;
+    long B, T, H, D;
+    float scale;
+    int causal, bf16;
+} Args;
+
+/* Runs pair(s, a, b, h) for every (batch b, head h) pair, spread over the threads, each with its
+   own scratch holding that pair's Q (times scale), K and K^T, V (and V^T for the backward). Returns 0, or -1 if a
+   thread's scratch could not be allocated. */
+static int for_each_pair(const Args *a, int threads, void (*pair)(Scratch *, const Args *, long, long)) {
     int failed = 0;
-    const long C = H * D;
+    const long C = a->H * a->D;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         Scratch s;
-        float *buf = scratch_alloc(&s, T, D);
+        float *buf = scratch_alloc(&s, a->T, a->D);
         failed = !buf;
 #pragma omp for schedule(static)
-        for (long bh = 0; bh < B * H; bh++) {
+        for (long bh = 0; bh < a->B * a->H; bh++) {
             if (failed)
                 continue;
-            const long b = bh / H, h = bh % H, Tp = s.Tp, Dp = s.Dp;
-            load_rows(s.q, NULL, qkv, 3 * C, h * D, &s, b, scale, bf16);
-            load_rows(s.k, s.kt, qkv, 3 * C, C + h * D, &s, b, 1.0f, bf16);
-            load_rows(s.v, NULL, qkv, 3 * C, 2 * C + h * D, &s, b, 1.0f, bf16);
-            matmul(s.p, Tp, s.q, Dp, 1, s.kt, Tp, Tp, Tp, Dp, causal);  /* S = (scale Q) K^T */
-            for (long i = 0; i < T; i++)
-                lse[bh * T + i] = softmax_row(s.p + i * Tp, causal ? i + 1 : T, Tp, NULL);
-            matmul(s.r1, Dp, s.p, Tp, 1, s.v, Dp, Tp, Dp, causal ? Tp : T, causal ? 2 : 0);  /* O = P V */
-            store_rows(y, C, h * D, s.r1, &s, b, 1.0f, bf16);
+            const long b = bh / a->H, h = bh % a->H;
+            load_rows(s.q, NULL, a->qkv, 3 * C, h * a->D, &s, b, a->scale, a->bf16);
+            load_rows(s.k, s.kt, a->qkv, 3 * C, C + h * a->D, &s, b, 1.0f, a->bf16);
+            load_rows(s.v, a->dy ? s.vt : NULL, a->qkv, 3 * C, 2 * C + h * a->D, &s, b, 1.0f, a->bf16);
+            pair(&s, a, b, h);
         }
         free(buf);
     }
     return failed ? -1 : 0;
 }
 
-/* dqkv from dy, given the forward's qkv, y and lse. With P recomputed from Q, K and lse:
-   dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q.
-   Returns 0, or -1 if a thread's scratch could not be allocated. */
+static void fwd_pair(Scratch *s, const Args *a, long b, long h) {
+    const long T = a->T, Tp = s->Tp, Dp = s->Dp, C = a->H * a->D;
+    float *lse = a->lse + (b * a->H + h) * T;
+    matmul(s->p, Tp, s->q, Dp, 1, s->kt, Tp, Tp, Tp, Dp, a->causal);  /* S = (scale Q) K^T */
+    for (long i = 0; i < T; i++)
+        lse[i] = softmax_row(s->p + i * Tp, a->causal ? i + 1 : T, Tp, NULL);
+    matmul(s->r1, Dp, s->p, Tp, 1, s->v, Dp, Tp, Dp, a->causal ? Tp : T, a->causal ? 2 : 0);  /* O = P V */
+    store_rows(a->out, C, h * a->D, s->r1, s, b, 1.0f, a->bf16);
+}
+
+/* With P recomputed from Q, K and lse: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+   dQ = scale dS K, dK = scale dS^T Q. */
+static void bwd_pair(Scratch *s, const Args *a, long b, long h) {
+    const long T = a->T, Tp = s->Tp, Dp = s->Dp, D = a->D, C = a->H * D, K = a->causal ? Tp : T;
+    const float *lse = a->lse + (b * a->H + h) * T;
+    load_rows(s->dout, NULL, a->dy, C, h * D, s, b, 1.0f, a->bf16);
+    load_rows(s->r1, NULL, a->y, C, h * D, s, b, 1.0f, a->bf16);  /* O, for rowsum(dO * O) */
+    matmul(s->p, Tp, s->q, Dp, 1, s->kt, Tp, Tp, Tp, Dp, a->causal);      /* S */
+    matmul(s->ds, Tp, s->dout, Dp, 1, s->vt, Tp, Tp, Tp, Dp, a->causal);  /* dP = dO V^T */
+    for (long i = 0; i < T; i++) {
+        float *restrict p = s->p + i * Tp, *restrict ds = s->ds + i * Tp, di = 0.0f;
+        for (long c = 0; c < D; c++)
+            di += s->dout[i * Dp + c] * s->r1[i * Dp + c];
+        softmax_row(p, a->causal ? i + 1 : T, Tp, lse + i);
+#pragma omp simd
+        for (long j = 0; j < Tp; j++)
+            ds[j] = p[j] * (ds[j] - di);  /* 0 wherever p is */
+    }
+    for (long i = T; i < Tp; i++)  /* padding rows: no probability, no gradient */
+        memset(s->p + i * Tp, 0, sizeof(float) * Tp), memset(s->ds + i * Tp, 0, sizeof(float) * Tp);
+    matmul(s->r1, Dp, s->ds, Tp, 1, s->k, Dp, Tp, Dp, K, a->causal ? 2 : 0);     /* dS K */
+    matmul(s->r2, Dp, s->ds, 1, Tp, s->q, Dp, Tp, Dp, K, a->causal ? 3 : 0);     /* dS^T (scale Q) */
+    matmul(s->r3, Dp, s->p, 1, Tp, s->dout, Dp, Tp, Dp, K, a->causal ? 3 : 0);   /* P^T dO */
+    store_rows(a->out, 3 * C, h * D, s->r1, s, b, a->scale, a->bf16);
+    store_rows(a->out, 3 * C, C + h * D, s->r2, s, b, 1.0f, a->bf16);
+    store_rows(a->out, 3 * C, 2 * C + h * D, s->r3, s, b, 1.0f, a->bf16);
+}
+
+/* y = softmax(scale * Q K^T (+ causal mask)) V and lse = each row's log-sum-exp of its scaled
+   scores. Returns 0, or -1 if a thread's scratch could not be allocated. */
+int attention_fwd(const void *restrict qkv, void *restrict y, float *restrict lse, long B, long T, long H, long D,
+                  float scale, int causal, int bf16, int threads) {
+    const Args a = {qkv, NULL, NULL, y, lse, B, T, H, D, scale, causal, bf16};
+    return for_each_pair(&a, threads, fwd_pair);
+}
+
+/* dqkv from dy, given the forward's qkv, y and lse. Returns 0, or -1 if a thread's scratch could
+   not be allocated. */
 int attention_bwd(const void *restrict qkv, const void *restrict y, const void *restrict dy,
                   const float *restrict lse, void *restrict dqkv, long B, long T, long H, long D, float scale,
                   int causal, int bf16, int threads) {
-    int failed = 0;
-    const long C = H * D;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        Scratch s;
-        float *buf = scratch_alloc(&s, T, D);
-        failed = !buf;
-#pragma omp for schedule(static)
-        for (long bh = 0; bh < B * H; bh++) {
-            if (failed)
-                continue;
-            const long b = bh / H, h = bh % H, Tp = s.Tp, Dp = s.Dp, K = causal ? Tp : T;
-            load_rows(s.q, NULL, qkv, 3 * C, h * D, &s, b, scale, bf16);
-            load_rows(s.k, s.kt, qkv, 3 * C, C + h * D, &s, b, 1.0f, bf16);
-            load_rows(s.v, s.vt, qkv, 3 * C, 2 * C + h * D, &s, b, 1.0f, bf16);
-            load_rows(s.dout, NULL, dy, C, h * D, &s, b, 1.0f, bf16);
-            load_rows(s.r1, NULL, y, C, h * D, &s, b, 1.0f, bf16);  /* O, for rowsum(dO * O) */
-            matmul(s.p, Tp, s.q, Dp, 1, s.kt, Tp, Tp, Tp, Dp, causal);      /* S */
-            matmul(s.ds, Tp, s.dout, Dp, 1, s.vt, Tp, Tp, Tp, Dp, causal);  /* dP = dO V^T */
-            for (long i = 0; i < T; i++) {
-                float *restrict p = s.p + i * Tp, *restrict ds = s.ds + i * Tp, di = 0.0f;
-                for (long c = 0; c < D; c++)
-                    di += s.dout[i * Dp + c] * s.r1[i * Dp + c];
-                softmax_row(p, causal ? i + 1 : T, Tp, lse + bh * T + i);
-#pragma omp simd
-                for (long j = 0; j < Tp; j++)
-                    ds[j] = p[j] * (ds[j] - di);  /* 0 wherever p is */
-            }
-            for (long i = T; i < Tp; i++)  /* padding rows: no probability, no gradient */
-                memset(s.p + i * Tp, 0, sizeof(float) * Tp), memset(s.ds + i * Tp, 0, sizeof(float) * Tp);
-            matmul(s.r1, Dp, s.ds, Tp, 1, s.k, Dp, Tp, Dp, K, causal ? 2 : 0);     /* dS K */
-            matmul(s.r2, Dp, s.ds, 1, Tp, s.q, Dp, Tp, Dp, K, causal ? 3 : 0);     /* dS^T (scale Q) */
-            matmul(s.r3, Dp, s.p, 1, Tp, s.dout, Dp, Tp, Dp, K, causal ? 3 : 0);   /* P^T dO */
-            store_rows(dqkv, 3 * C, h * D, s.r1, &s, b, scale, bf16);
-            store_rows(dqkv, 3 * C, C + h * D, s.r2, &s, b, 1.0f, bf16);
-            store_rows(dqkv, 3 * C, 2 * C + h * D, s.r3, &s, b, 1.0f, bf16);
-        }
-        free(buf);
-    }
-    return failed ? -1 : 0;
+    const Args a = {qkv, y, dy, dqkv, (float *)lse, B, T, H, D, scale, causal, bf16};
+    return for_each_pair(&a, threads, bwd_pair);
 }
