@@ -24,8 +24,9 @@
 #include <string.h>
 
 /* e^x for x <= 0 (what softmax takes after subtracting the row maximum): 2^n * e^r with
-   |r| <= ln2/2 and Cephes' degree-7 polynomial for e^r, within 2 ulp of expf; 0 below -87 (where
-   e^x would be denormal), NaN for NaN. Written branch-free so the loops calling it vectorize. */
+   |r| <= ln2/2 and Cephes' polynomial for e^r: within 1.02 ulp of the exact e^x at every float in
+   [-87, 0] (checked one by one, with FMAs as built here); 0 below -87 (where e^x would be
+   denormal), NaN for NaN. Written branch-free so the loops calling it vectorize. */
 static inline float exp_nonpos(float x) {
     float xc = x < -87.0f ? -87.0f : x;
     float n = __builtin_rintf(xc * 1.44269504088896341f);
