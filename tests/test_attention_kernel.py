@@ -119,8 +119,16 @@ def test_self_attention_uses_the_kernel_only_where_it_applies(monkeypatch):
 
 
 def test_compiled_gpt_step_matches_eager():
-    """Under torch.compile the op is one graph node with its registered backward: the same loss and
-    gradients as eager."""
+    """Under torch.compile the op is one graph node (in the graph dynamo hands inductor) with its
+    registered backward: the same loss and gradients as eager."""
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs = []
+
+    def inductor_seeing(gm, inputs):  # inductor, after noting the graph it is given
+        graphs.append(str(gm.graph))
+        return compile_fx(gm, inputs)
+
     torch.manual_seed(4)
     model = build_model("gpt", vocab_size=20, n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.0)
     idx = torch.randint(0, 20, (2, 16))
@@ -132,7 +140,8 @@ def test_compiled_gpt_step_matches_eager():
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     loss, grads = loss_and_grads(model)
-    loss_c, grads_c = loss_and_grads(torch.compile(model))
+    loss_c, grads_c = loss_and_grads(torch.compile(model, backend=inductor_seeing))
+    assert graphs and all("nnlab.attention" in g for g in graphs)
     torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=1e-6)
     for a, b in zip(grads_c, grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

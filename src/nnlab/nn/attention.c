@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 /* e^x for x <= 0 (what softmax takes after subtracting the row maximum): 2^n * e^r with
    |r| <= ln2/2 and Cephes' polynomial for e^r: within 1.02 ulp of the exact e^x at every float in
    [-87, 0] (checked one by one, with FMAs as built here); 0 below -87 (where e^x would be
@@ -125,12 +127,8 @@ static void load_rows(float *restrict dst, float *restrict dstt, const void *src
         if (bf16) {
             const uint16_t *restrict r = (const uint16_t *)src + o;
 #pragma omp simd
-            for (long c = 0; c < s->D; c++) {
-                uint32_t u = (uint32_t)r[c] << 16;
-                float f;
-                memcpy(&f, &u, 4);
-                d[c] = f * mul;
-            }
+            for (long c = 0; c < s->D; c++)
+                d[c] = bf16_to_float(r[c]) * mul;
         } else {
             const float *restrict r = (const float *)src + o;
 #pragma omp simd
@@ -151,13 +149,8 @@ static void store_rows(void *dst, long stride, long col, const float *restrict s
         if (bf16) {
             uint16_t *restrict d = (uint16_t *)dst + o;
 #pragma omp simd
-            for (long c = 0; c < s->D; c++) {
-                float f = r[c] * mul;
-                uint32_t u;  /* nearest even, as torch's float -> bfloat16 cast; a NaN stays a NaN */
-                memcpy(&u, &f, 4);
-                u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
-                d[c] = (uint16_t)(u >> 16);
-            }
+            for (long c = 0; c < s->D; c++)
+                d[c] = float_to_bf16(r[c] * mul);
         } else {
             float *restrict d = (float *)dst + o;
 #pragma omp simd

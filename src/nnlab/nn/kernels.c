@@ -26,16 +26,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-static inline float bf16_to_float(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 static inline float f32_to_float(float v) { return v; }
 
 /* One output pixel's C channels. The drivers below call these with C as a literal for the common
@@ -247,16 +243,6 @@ static inline __attribute__((always_inline)) void fwd_row(
             store16((float *)y + o, m);
         }
     }
-}
-
-/* to the nearest bf16, ties to even, as torch's float -> bfloat16 cast rounds (a NaN stays a NaN) */
-static inline float round_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) & 0xffff0000u
-                                         : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    memcpy(&f, &u, 4);
-    return f;
 }
 
 /* Returns 0, or -1 if the weights' scratch could not be allocated. */

@@ -15,10 +15,10 @@ oneDNN computes densely (kernels.c says why ATen is slow there):
 tests/test_kernels.py compares each with ATen. Callers use ATen whenever `supports*` says no.
 The same library holds attention.c, the self-attention kernel that nn/attention.py wraps.
 
-kernels.c (with attention.c) is compiled on first use into the user's cache folder and loaded with ctypes: a plain C
-file needs no torch headers, so it builds in about a second. The build is keyed by the source, the
-flags and the CPU (it uses -march=native), so a cache folder shared between machines never loads a
-binary built for another processor. Without a C compiler, or with NNLAB_NO_KERNELS=1 set, every
+kernels.c (with attention.c) is compiled on first use into the user's cache folder and loaded
+with ctypes: plain C needs no torch headers, so it builds in about a second. The build is keyed by
+the sources, the flags and the CPU (it uses -march=native), so a cache folder shared between
+machines never loads a binary built for another processor. Without a C compiler, or with NNLAB_NO_KERNELS=1 set, every
 `supports*` is False and nothing changes but speed.
 """
 
@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("kernels.c")
-SOURCES = [SOURCE, Path(__file__).with_name("attention.c")]  # one library; attention.py calls the second
+# One library: attention.py calls attention.c's functions; both include bf16.h.
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "attention.c")]
+HEADERS = [Path(__file__).with_name("bf16.h")]
 # -ffp-contract=fast: multiply-adds as FMAs (-std=c11 alone turns that off; 1.5x on the conv kernel).
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 if platform.machine() in ("x86_64", "AMD64"):
@@ -75,7 +76,7 @@ def _build() -> ctypes.CDLL | None:
     if cc is None:
         _state["why"] = "no C compiler found"
         return None
-    src = b"".join(p.read_bytes() for p in SOURCES)
+    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     flags = FLAGS
     if os.environ.get("NNLAB_KERNELS_MARCH"):
         # Code for another processor than this one, e.g. x86-64-v3 (AVX2): to time the code an
@@ -90,7 +91,8 @@ def _build() -> ctypes.CDLL | None:
             lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # build beside, then rename: atomic
                 out = Path(tmp) / lib.name
-                subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+                subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(out), "-lm"], check=True,
+                               capture_output=True, timeout=120)
                 os.replace(out, lib)
             dll = ctypes.CDLL(str(lib))
     except (OSError, subprocess.SubprocessError) as e:

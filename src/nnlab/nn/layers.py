@@ -92,39 +92,36 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, past_kv: tuple[Tensor, Tensor] | None = None, need_weights: bool = False):
         B, T, C = x.shape
         qkv = self.qkv(x)  # (B, T, 3C)
+        # Q, K, V, each (B, T, C) -> (B, n_head, T, d_k): every head attends independently (views).
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
         dropout = self.dropout if self.training else 0.0
         if not (self.explicit or need_weights or past_kv is not None) and attention.supports(qkv, self.n_head, dropout):
             # nnlab's CPU kernel (nn/attention.c): every head in one call, straight from qkv.
             y = attention.fused_attention(qkv, self.n_head, self.causal)  # (B, T, C)
-            k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv[..., C:].split(C, dim=2))
             return self.resid_drop(self.proj(y)), None, (k, v)
-        q, k, v = qkv.split(C, dim=2)  # each (B, T, C)
-        # (B, T, C) -> (B, n_head, T, d_k): every head attends independently.
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
         A = None
         if self.explicit or need_weights:
             o, A = ops.attention(q, k, v, causal=self.causal)
-            if self.training and self.dropout > 0:
+            if dropout > 0:
                 # Dropout on A, then O = AV again: the same regularisation SDPA applies.
-                o = F.dropout(A, self.dropout) @ v
+                o = F.dropout(A, dropout) @ v
         else:
             # With a cache and a single new query the mask is all-ones; is_causal would wrongly
             # align the mask to the top-left, so only pass it when queries and keys coincide.
             is_causal = self.causal and q.shape[2] == k.shape[2]
-            o = self._sdpa(q, k, v, is_causal)
+            o = self._sdpa(q, k, v, is_causal, dropout)
         y = o.transpose(1, 2).reshape(B, T, C)  # re-assemble heads side by side: (B, T, C)
         return self.resid_drop(self.proj(y)), A, (k, v)
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> Tensor:
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout: float) -> Tensor:
         mask = None
         if self.causal and not is_causal and q.shape[2] > 1:
             # Several new queries after a cache: query i sits at key position T_past + i.
             mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
             mask = mask.tril(diagonal=k.shape[2] - q.shape[2])
-        dropout = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             return _math_attention(q, k, v, mask, is_causal, dropout)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
