@@ -4,7 +4,8 @@ Both sides train the same baby GPT (4 layers, 4 heads, 128 wide, block 64, vocab
 Shakespeare with batch 12, AdamW lr 1e-3 (betas 0.9/0.99, weight decay 0.1 on matrices only, as
 nanoGPT) and gradient clipping at 1.0. The baseline is written by hand the ordinary way: random
 blocks via torch.randint as nanoGPT's get_batch, F.cross_entropy, backward, clip, step; it uses
-nnlab.models.gpt.GPT as its module so that only the loop differs. nnlab runs its recipe through
+nnlab.models.gpt.GPT as its module so that only the loop differs, with nnlab's own CPU kernels
+switched off (nanogpt_setup), so its attention is SDPA's as in nanoGPT. nnlab runs its recipe through
 nnlab.train as shipped (fp32), with precision=auto, with train.compile=true, with both, and with
 both under compile_mode=max-autotune-no-cudagraphs (the compile variants in full mode only).
 
@@ -16,6 +17,7 @@ apart. MFU uses nanoGPT's estimate_mfu: 6N + 12*L*C*T FLOPs per token.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from common import (ROOT, Ctx, attempt, auto_note, fmt, gpt_train_flops_per_toke
                     summarize, time_nnlab, timed, train_quiet, training_table)
 from nnlab.config import load_config
 from nnlab.models.gpt import GPT, GPTConfig
+from nnlab.nn import kernels
 
 BATCH, BLOCK = 12, 64
 TARGET = 1.88  # the validation loss B3's time-to-target races to
@@ -40,7 +43,14 @@ def text_path() -> Path:
 
 
 def nanogpt_setup(device: torch.device):
-    """nanoGPT's data and model setup for the baby GPT: (get_batch(split), model, optimizer)."""
+    """nanoGPT's data and model setup for the baby GPT: (get_batch(split), model, optimizer).
+
+    The model runs ATen only: nnlab's own CPU kernels are switched off for this process (every
+    plain side runs in a fresh one), so its attention is F.scaled_dot_product_attention, as in
+    nanoGPT, and not nnlab's attention kernel, which would speed the baseline up with nnlab's work."""
+    os.environ["NNLAB_NO_KERNELS"] = "1"  # read when the kernels are first asked for
+    if kernels.library() is not None:
+        raise RuntimeError("plain loop: nnlab's kernels were loaded before it could switch them off")
     text = text_path().read_text(encoding="utf-8")
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
