@@ -2,6 +2,7 @@
 loss curve of a deterministic tiny run; a NaN stops the run and keeps the last good checkpoint."""
 
 import json
+import os
 import warnings
 
 import pytest
@@ -155,6 +156,29 @@ def test_max_bad_steps_skips_a_bad_batch(tmp_path, text_file, monkeypatch, one_t
     assert summary["bad_steps"] == 1 and summary["steps"] == 8
     w, _ = load_tensors(run / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_a_cpu_capability_override_gets_its_own_inductor_cache(monkeypatch):
+    """Code compiled under ATEN_CPU_CAPABILITY=avx2 must not be found by a run without it (nor the
+    other way round): distributed.separate_inductor_cache says why. Nothing is compiled here: the
+    folder is chosen before torch.compile and read by inductor at its first cache access."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    from nnlab.models import build_model
+    from nnlab.train.distributed import Env, parallelize, separate_inductor_cache
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY"):  # setenv first: restored after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    assert separate_inductor_cache() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    parallelize(build_model("gpt", n_layer=1, n_head=1, n_embd=8, block_size=4,
+                            vocab_size=5), True, "ddp", Env())
+    assert cache_dir() == default_cache_dir() + "_avx2"
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/chosen-by-the-user")  # a user's choice is kept
+    assert separate_inductor_cache() is None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/chosen-by-the-user"
 
 
 def test_compile_options_keep_the_mode_and_add_a_cpp_wrapper_on_cpu():

@@ -102,6 +102,29 @@ def compile_options(mode: str, device: torch.device) -> dict:
     return options
 
 
+def separate_inductor_cache() -> str | None:
+    """When ATEN_CPU_CAPABILITY picks ATen's (and so inductor's) CPU code paths and no
+    TORCHINDUCTOR_CACHE_DIR is set, point inductor at a cache folder of that capability's own; returns
+    the folder, or None when nothing was changed.
+
+    Why: inductor's on-disk graph cache is not keyed by the capability, so a process under another
+    one loads code compiled for it. Seen on the AMX Xeon (torch 2.13): after a compile with
+    ATEN_CPU_CAPABILITY=avx2 wrote an empty cache, plain compiled runs of gpt-shakespeare died with
+    heap corruption ("malloc(): unaligned tcache chunk detected" and the like) in 3 of 3 tries,
+    against 0 of 3 on a cache that only plain runs had written, and 0 of 3 with this folder set;
+    the other way round, an avx2 run on the plain runs' cache had NaN loss at step 1."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    # Inductor writes its default folder into the variable at its first cache access (and torch
+    # makes one while it loads), so the default there is not a user's choice.
+    if not cap or os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) != default_cache_dir():
+        return None
+    folder = f"{default_cache_dir()}_{''.join(c for c in cap if c.isalnum())}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # read by inductor at each cache access
+    return folder
+
+
 def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env, compile_mode: str = "default") -> nn.Module:
     """Wrap the single-device model for speed and scale; returns the module to call in the loop.
 
@@ -117,6 +140,8 @@ def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env, compil
                 fully_shard(block)
         fully_shard(model)
     if compile:
+        if env.device.type == "cpu":
+            separate_inductor_cache()
         try:
             model = torch.compile(model, options=compile_options(compile_mode, env.device))
             # Compilation happens lazily, at the first forward: a graph that fails to compile
