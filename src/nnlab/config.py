@@ -64,7 +64,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (eager with a warning where unsupported)
     # torch.compile's mode. max-autotune-no-cudagraphs times each matmul's candidate kernels at the
     # first compile (on CPU: inductor's AMX / AVX-512 C++ GEMM templates against ATen's) and keeps
-    # the fastest: steps were ~20% faster for the baby GPT in bf16, the first compile ~50 s longer.
+    # the fastest; the first compile takes ~50 s longer. For the baby GPT in bf16 its steps were ~20%
+    # faster before nnlab's attention kernel; with the kernel, interleaved in one process, 0.98x the
+    # default mode's step time at batch 12 and 0.99x at batch 32: no measurable gain.
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     channels_last: bool = False  # NHWC memory format for convolutional models
     tune_allocator: bool = True  # CPU: keep freed memory for reuse (see nnlab/train/allocator.py)
