@@ -18,7 +18,6 @@ MFU counts the conv/fc multiply-adds: 2 FLOPs each, x3 for forward + backward.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import (Ctx, attempt, auto_note, conv_fc_macs, isolated, keep, time_nnlab, timed, train_quiet,
-                    training_table)
+from common import (Ctx, attempt, auto_note, conv_fc_macs, isolated, keep, kernels_off, time_nnlab, timed,
+                    train_quiet, training_table)
 from plain_cnn import Net
 
 from nnlab.nn import kernels
@@ -43,7 +42,7 @@ ATEN_ONLY = ("nnlab + channels_last + auto, ATen only (NNLAB_NO_KERNELS=1)",
 
 
 def time_nnlab_aten_only(*args) -> dict:
-    os.environ["NNLAB_NO_KERNELS"] = "1"  # read when the kernel is first asked for, in this fresh process
+    kernels_off()
     return time_nnlab(*args)
 
 

@@ -17,7 +17,6 @@ apart. MFU uses nanoGPT's estimate_mfu: 6N + 12*L*C*T FLOPs per token.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (ROOT, Ctx, attempt, auto_note, fmt, gpt_train_flops_per_token, isolated, keep, read_events,
-                    summarize, time_nnlab, timed, train_quiet, training_table)
+                    kernels_off, summarize, time_nnlab, timed, train_quiet, training_table)
 from nnlab.config import load_config
 from nnlab.models.gpt import GPT, GPTConfig
-from nnlab.nn import kernels
 
 BATCH, BLOCK = 12, 64
 TARGET = 1.88  # the validation loss B3's time-to-target races to
@@ -48,9 +46,7 @@ def nanogpt_setup(device: torch.device):
     The model runs ATen only: nnlab's own CPU kernels are switched off for this process (every
     plain side runs in a fresh one), so its attention is F.scaled_dot_product_attention, as in
     nanoGPT, and not nnlab's attention kernel, which would speed the baseline up with nnlab's work."""
-    os.environ["NNLAB_NO_KERNELS"] = "1"  # read when the kernels are first asked for
-    if kernels.library() is not None:
-        raise RuntimeError("plain loop: nnlab's kernels were loaded before it could switch them off")
+    kernels_off()
     text = text_path().read_text(encoding="utf-8")
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}

@@ -274,6 +274,16 @@ def quiet():
 RESULT = "@@result "  # marks the worker's one output line
 
 
+def kernels_off() -> None:
+    """Switch nnlab's own CPU kernels off for this process (every side runs in a fresh one, see
+    `isolated`), so what runs is ATen's; raises if they were already loaded, when it is too late."""
+    from nnlab.nn import kernels
+
+    os.environ["NNLAB_NO_KERNELS"] = "1"  # read when the kernels are first asked for
+    if kernels.library() is not None:
+        raise RuntimeError("nnlab's kernels were loaded before they could be switched off")
+
+
 def isolated(ctx: Ctx, fn, *args) -> dict:
     """fn(*args) in a fresh Python process; returns its dict. Each side of a comparison runs alone
     in a new process, as a user's script would: nothing process-wide that one side sets (nnlab

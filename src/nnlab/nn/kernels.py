@@ -18,8 +18,8 @@ The same library holds attention.c, the self-attention kernel that nn/attention.
 kernels.c (with attention.c) is compiled on first use into the user's cache folder and loaded
 with ctypes: plain C needs no torch headers, so it builds in about a second. The build is keyed by
 the sources, the flags and the CPU (it uses -march=native), so a cache folder shared between
-machines never loads a binary built for another processor. Without a C compiler, or with NNLAB_NO_KERNELS=1 set, every
-`supports*` is False and nothing changes but speed.
+machines never loads a binary built for another processor. Without a C compiler, or with
+NNLAB_NO_KERNELS=1 set, every `supports*` is False and nothing changes but speed.
 """
 
 from __future__ import annotations
