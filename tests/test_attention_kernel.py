@@ -147,6 +147,24 @@ def test_compiled_gpt_step_matches_eager():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T", [1, 17, 64, 256])
+def test_log_sum_exp_is_each_rows(causal, T):
+    """The forward's second output, which the backward trusts to rebuild the probabilities: each
+    query row's log-sum-exp of its scaled (and masked) scores, here against float64. Scores up to
+    ~60 put the row sums between 1 and T and exercise the kernel's own log over them."""
+    torch.manual_seed(T + causal)
+    H, D = 2, 16
+    qkv = 4 * torch.randn(2, T, 3 * H * D)
+    _, lse = attention._attention(qkv, H, causal)
+    q, k, _ = (t.double().view(2, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)
+    if causal:
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    assert lse.shape == (2, H, T) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, dim=-1), atol=1e-5, rtol=1e-6)
+
+
 def test_scale_is_one_over_sqrt_dk():
     """With K = Q and V = I-like rows the output exposes the softmax temperature."""
     T, D = 2, 4
