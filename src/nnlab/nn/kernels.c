@@ -121,35 +121,34 @@ POOL_KERNELS(f32, float, uint32_t, f32_to_float)
    mode x, W and b are rounded to bf16 first, as autocast rounds a bf16 convolution's inputs, and
    each conv output is rounded to bf16 (round to nearest even) before the max, as its output is.
    Float accumulation order differs from oneDNN's, so values agree to rounding, not bit for bit. */
-/* The conv kernels work on 16 channels at a time in GCC vector types, with their accumulators in
-   registers (forward: one per window position, through the 9 taps; backward: one per tap, along a
-   row of windows). Written as plain loops over c, the compiler kept them in memory, and the kernels
-   ran 3x (forward) and 7x (backward) slower. C must be a multiple of 16 (kernels.py checks). On CPUs
-   without 512-bit vectors the compiler splits each operation in two. */
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));  /* 16 bf16 bit patterns */
-typedef uint8_t vb __attribute__((vector_size(16)));   /* 16 winner codes */
+/* The conv kernels work on LANES channels at a time in GCC vector types as wide as the CPU's own
+   (16 floats with AVX-512, 8 with AVX2), with their accumulators in registers (forward: one per
+   window position, through the 9 taps; backward: one per tap, along a row of windows). Written as
+   plain loops over c, the compiler kept them in memory, and the kernels ran 3x (forward) and 7x
+   (backward) slower. C must be a multiple of 16 (kernels.py checks). */
+#if defined(__AVX512F__)
 #define LANES 16
+#else
+#define LANES 8
+#endif
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vh __attribute__((vector_size(LANES * 2)));  /* LANES bf16 bit patterns */
+typedef uint8_t vb __attribute__((vector_size(LANES)));       /* LANES winner codes */
 
-static inline vf load16(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf select16(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
-static inline vi iselect16(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
-/* 16 winner codes, widened to 32 bits. gcc 12 compiles __builtin_convertvector from bytes into ~40
-   scalar extracts and inserts, so x86 CPUs get the widening instruction itself: conv3x3_pool2x2_bwd
+static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline vi viselect(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
+/* LANES winner codes, widened to 32 bits. gcc 12 compiles __builtin_convertvector from bytes into
+   ~40 scalar extracts and inserts, so x86 CPUs get the widening instruction itself: conv3x3_pool2x2_bwd
    then took 0.59x its time (interleaved, AMX Xeon, bf16 and fp32), with the same output bits. */
-static inline vi load_codes16(const uint8_t *p) {
+static inline vi load_codes(const uint8_t *p) {
 #if defined(__AVX512F__)
     return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
 #elif defined(__AVX2__)
-    __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
-    vi v;
-    memcpy(&v, &lo, sizeof lo);
-    memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
-    return v;
+    return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
 #else
     vb b;
     memcpy(&b, p, sizeof b);
@@ -160,35 +159,37 @@ static inline vi load_codes16(const uint8_t *p) {
 #if defined(__AVX512BF16__)
 /* The CPU's own conversion (vcvtneps2bf16): one instruction for the ~7 below. Nearest even, and a
    NaN stays NaN, as below; unlike below, it flushes denormals to zero. */
-static inline vf round_bf16_16(vf f) {
+static inline vf vround_bf16(vf f) {
     __m256bh h = _mm512_cvtneps_pbh((__m512)f);
     return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16);
 }
 #else
-static inline vf round_bf16_16(vf f) {  /* to the nearest bf16, ties to even; a NaN stays NaN */
+static inline vf vround_bf16(vf f) {  /* to the nearest bf16, ties to even; a NaN stays NaN */
     vu u = (vu)f;  /* unsigned: the carry into the exponent must wrap, not overflow */
     vu r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
     vi nan = (vi)((u & 0x7fffffffu) > 0x7f800000u);
-    return (vf)iselect16(nan, (vi)((u | 0x00400000u) & 0xffff0000u), (vi)r);
+    return (vf)viselect(nan, (vi)((u | 0x00400000u) & 0xffff0000u), (vi)r);
 }
 #endif
 
-/* 1 where the conv kernels' 16-float vectors are the CPU's own (AVX-512). Elsewhere gcc splits them,
-   spills the register-blocked accumulators and converts codes lane by lane: built for x86-64-v3
-   (AVX2) and run on the AMX Xeon, conv3x3_pool2x2_fwd took 24x, _bwd 28x and _wgrad 9x the time of
-   the AVX-512 build, and a seed-cnn fp32 step with every library held to AVX2 took 41.5 ms with
-   them against 26.0 with ATen's. kernels.py uses them only where this returns 1. */
+/* 1 where the conv kernels' vectors are the CPU's own: AVX-512 (16 floats) or AVX2 (8). With
+   16-float vectors everywhere, as first written, gcc split them in two on AVX2, spilled the
+   register-blocked accumulators and converted codes lane by lane: a seed-cnn fp32 step with every
+   library held to AVX2 (on the AMX Xeon) took 41.5 ms with them against 26.0 with ATen's. With
+   8-float vectors there (and one vector per block in the weight gradient, whose 18 accumulators
+   would not fit AVX2's 16 registers), the same step took 0.72x [0.57-0.79] the time with them as
+   without (interleaved, 14 rounds). kernels.py uses them only where this returns 1. */
 int conv_kernels_native(void) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
     return 1;
 #else
     return 0;
 #endif
 }
 
-/* Elements o..o+15 of a bf16 (bf16 != 0) or fp32 array, as floats. */
-static inline vf load_grad16(const void *p, long o, int bf16) {
-    if (!bf16) return load16((const float *)p + o);
+/* Elements o..o+LANES-1 of a bf16 (bf16 != 0) or fp32 array, as floats. */
+static inline vf load_grad(const void *p, long o, int bf16) {
+    if (!bf16) return vload((const float *)p + o);
     vh bits;
     memcpy(&bits, (const uint16_t *)p + o, sizeof bits);
     return (vf)(__builtin_convertvector(bits, vi) << 16);
@@ -198,7 +199,7 @@ static inline vf load_grad16(const void *p, long o, int bf16) {
    whose top-left is x0. */
 #define TAP(x0, Wp, k, t) ((x0)[((k) / 2 + (t) / 3) * (Wp) + (k) % 2 + (t) % 3])
 
-/* The windows of one output row (n, i), 16 channels from c0. The channel block is the outer loop so
+/* The windows of one output row (n, i), LANES channels from c0. The channel block is the outer loop so
    that its 9 weight vectors and bias stay in registers along the row, and each multiply-add reads
    its input pixel straight from xpad. The first version copied each window's 36 taps into an array
    and reloaded the weights for every window; against it this one took 0.78x the time in fp32
@@ -206,8 +207,8 @@ static inline vf load_grad16(const void *p, long o, int bf16) {
 static inline __attribute__((always_inline)) void fwd_row(
         const float *restrict x0, long Wp, long Wo, const float *restrict w, const float *restrict b, long C,
         long c0, void *restrict y, uint8_t *restrict code, int bf16, int relu) {
-    vf wt[9], bias = load16(b + c0);
-    for (int t = 0; t < 9; t++) wt[t] = load16(w + t * C + c0);
+    vf wt[9], bias = vload(b + c0);
+    for (int t = 0; t < 9; t++) wt[t] = vload(w + t * C + c0);
     for (long j = 0; j < Wo; j++, x0 += 2) {
         vf v[4], u[4];  /* two partial sums per position: 8 independent chains of multiply-adds */
         for (int k = 0; k < 4; k++) v[k] = bias, u[k] = (vf){0};
@@ -220,18 +221,18 @@ static inline __attribute__((always_inline)) void fwd_row(
             }
         for (int k = 0; k < 4; k++) v[k] += u[k];
         if (bf16)
-            for (int k = 0; k < 4; k++) v[k] = round_bf16_16(v[k]);
+            for (int k = 0; k < 4; k++) v[k] = vround_bf16(v[k]);
         vf m = v[0];
         vi kk = (vi){0};
         for (int k = 1; k < 4; k++) {
             vi win = (v[k] > m) | (v[k] != v[k]);  /* first max wins; a NaN wins */
-            m = select16(win, v[k], m);
-            kk = iselect16(win, (vi){0} + k, kk);
+            m = vselect(win, v[k], m);
+            kk = viselect(win, (vi){0} + k, kk);
         }
         if (relu) {
             vi off = m <= 0.0f;
-            m = select16(off, (vf){0}, m);
-            kk = iselect16(off, (vi){0} + 4, kk);
+            m = vselect(off, (vf){0}, m);
+            kk = viselect(off, (vi){0} + 4, kk);
         }
         long o = j * C + c0;
         vb codes = __builtin_convertvector(kk, vb);
@@ -240,7 +241,7 @@ static inline __attribute__((always_inline)) void fwd_row(
             vh bits = __builtin_convertvector((vi)m >> 16, vh);  /* exact: m holds bf16 values already */
             memcpy((uint16_t *)y + o, &bits, sizeof bits);
         } else {
-            store16((float *)y + o, m);
+            vstore((float *)y + o, m);
         }
     }
 }
@@ -286,7 +287,7 @@ int conv3x3_pool2x2_fwd(const float *restrict x, const float *restrict w, const 
     return 0;
 }
 
-/* One output row's share of the weight and bias gradients, 16 channels from c0: each window's
+/* One output row's share of the weight and bias gradients, LANES channels from c0: each window's
    winner's 3x3 patch times its gradient, summed in registers along the row (9 taps + bias), then
    added to this thread's partial sums tw (9, C) and tb (C). The first version added every window
    into tw in memory; this one took 0.80x its time in fp32, 0.92x in bf16. */
@@ -297,18 +298,18 @@ static inline __attribute__((always_inline)) void bwd_row(
     for (int t = 0; t < 9; t++) acc[t] = (vf){0};
     for (long j = 0; j < Wo; j++, x0 += 2) {
         long o = j * C + c0;
-        vf g = load_grad16(gy, o, bf16);
-        vi k = load_codes16(code + o);
+        vf g = load_grad(gy, o, bf16);
+        vi k = load_codes(code + o);
         vf gk[4];
-        for (int kk = 0; kk < 4; kk++) gk[kk] = select16(k == kk, g, (vf){0});
-        accb += select16(k < 4, g, (vf){0});
+        for (int kk = 0; kk < 4; kk++) gk[kk] = vselect(k == kk, g, (vf){0});
+        accb += vselect(k < 4, g, (vf){0});
         _Pragma("GCC unroll 9")
         for (int t = 0; t < 9; t++)
             _Pragma("GCC unroll 4")
             for (int kk = 0; kk < 4; kk++) acc[t] += gk[kk] * TAP(x0, Wp, kk, t);
     }
-    for (int t = 0; t < 9; t++) store16(tw + t * C + c0, load16(tw + t * C + c0) + acc[t]);
-    store16(tb + c0, load16(tb + c0) + accb);
+    for (int t = 0; t < 9; t++) vstore(tw + t * C + c0, vload(tw + t * C + c0) + acc[t]);
+    vstore(tb + c0, vload(tb + c0) + accb);
 }
 
 /* gw: (threads, 9, C) and gb: (threads, C) zeroed partial sums, one slice per thread; the caller
@@ -354,7 +355,7 @@ void conv3x3_pool2x2_bwd(const void *restrict gy, const uint8_t *restrict code, 
    each call, batch 64), ~40 us in isolation. */
 
 /* dw (9 taps, channels c0.. of Cin) += the sum over the m windows of gv[e] times the 3x3 patch whose
-   top-left pixel is off[e] in xb, one (H+2, W+2, NV*16) block of channels. NV = 1 or 2 vectors: 18
+   top-left pixel is off[e] in xb, one (H+2, W+2, NV*LANES) block of channels. NV = 1 or 2 vectors: up to 18
    accumulators stay in registers while the windows stream by. */
 static inline __attribute__((always_inline)) void wgrad_block(
         const float *restrict xb, long Wp, const int32_t *restrict off, const float *restrict gv, long m,
@@ -362,7 +363,7 @@ static inline __attribute__((always_inline)) void wgrad_block(
     const long B = NV * LANES, row = Wp * B;
     vf acc[9][2];
     for (int t = 0; t < 9; t++)
-        for (int h = 0; h < NV; h++) acc[t][h] = load16(dw + t * Cin + LANES * h);
+        for (int h = 0; h < NV; h++) acc[t][h] = vload(dw + t * Cin + LANES * h);
     for (long e = 0; e < m; e++) {
         const float *p0 = xb + off[e] * B, *p1 = p0 + row, *p2 = p1 + row;
         vf g = (vf){0} + gv[e];
@@ -370,20 +371,21 @@ static inline __attribute__((always_inline)) void wgrad_block(
         for (int kx = 0; kx < 3; kx++)
             _Pragma("GCC unroll 2")
             for (int h = 0; h < NV; h++) {
-                acc[kx][h] += g * load16(p0 + kx * B + LANES * h);
-                acc[3 + kx][h] += g * load16(p1 + kx * B + LANES * h);
-                acc[6 + kx][h] += g * load16(p2 + kx * B + LANES * h);
+                acc[kx][h] += g * vload(p0 + kx * B + LANES * h);
+                acc[3 + kx][h] += g * vload(p1 + kx * B + LANES * h);
+                acc[6 + kx][h] += g * vload(p2 + kx * B + LANES * h);
             }
     }
     for (int t = 0; t < 9; t++)
-        for (int h = 0; h < NV; h++) store16(dw + t * Cin + LANES * h, acc[t][h]);
+        for (int h = 0; h < NV; h++) vstore(dw + t * Cin + LANES * h, acc[t][h]);
 }
 
 int conv3x3_pool2x2_wgrad(const void *restrict x, const void *restrict gy, const uint8_t *restrict code,
                           float *restrict gw, float *restrict gb, long N, long H, long W, long Cin, long Cout,
                           int bf16, int threads) {
     const long Ho = H / 2, Wo = W / 2, P = Ho * Wo, Wp = W + 2, plane = (H + 2) * Wp;
-    const long B = Cin % 32 ? LANES : 2 * LANES;  /* channels per block */
+    /* Channels per block: two vectors where 18 accumulators fit in the registers (AVX-512's 32). */
+    const long B = LANES == 16 && Cin % 32 == 0 ? 2 * LANES : LANES;
     const long nw = Cout * 9 * Cin, per = nw + Cout;  /* one thread's partial sums: weights, then bias */
     float *part = malloc((size_t)threads * per * sizeof(float));
     if (!part) return -1;
@@ -415,15 +417,15 @@ int conv3x3_pool2x2_wgrad(const void *restrict x, const void *restrict gy, const
                 for (long xx = 0; xx < W; xx++) {
                     long s = ((n * H + y) * W + xx) * Cin, d = ((y + 1) * Wp + xx + 1) * B;
                     for (long c0 = 0; c0 < Cin; c0 += B, d += plane * B, s += B)
-                        for (long c = 0; c < B; c += LANES) store16(xf + d + c, load_grad16(x, s + c, bf16));
+                        for (long c = 0; c < B; c += LANES) vstore(xf + d + c, load_grad(x, s + c, bf16));
                 }
             const long q0 = n * P * Cout;
             /* Bias: the sum of the gradients that pass (code < 4), 16 output channels at a time. */
             for (long p = 0; p < P; p++)
                 for (long c0 = 0; c0 < Cout; c0 += LANES) {
                     long q = q0 + p * Cout + c0;
-                    vf g = load_grad16(gy, q, bf16);
-                    store16(tb + c0, load16(tb + c0) + select16(load_codes16(code + q) < 4, g, (vf){0}));
+                    vf g = load_grad(gy, q, bf16);
+                    vstore(tb + c0, vload(tb + c0) + vselect(load_codes(code + q) < 4, g, (vf){0}));
                 }
             for (long co = 0; co < Cout; co++) {
                 /* This channel's windows that pass gradient: their winner's pixel in xf and gradient. */

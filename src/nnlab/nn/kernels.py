@@ -115,7 +115,7 @@ def _build() -> ctypes.CDLL | None:
     dll.attention_bwd.argtypes = [P, P, P, P, P, L, L, L, L, F, I, I, I]
     dll.attention_fwd.restype = dll.attention_bwd.restype = I
     _state["conv"] = bool(dll.conv_kernels_native())
-    _state["why"] = f"built {lib}" + ("" if _state["conv"] else "; conv kernels off: no AVX-512, ATen's are faster")
+    _state["why"] = f"built {lib}" + ("" if _state["conv"] else "; conv kernels off: no AVX2, ATen's are faster")
     return dll
 
 
@@ -126,8 +126,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def conv_native() -> bool:
-    """Whether the conv kernels run here (built, and the CPU has AVX-512); the pool kernel needs only
-    a build."""
+    """Whether the conv kernels run here (built, and the CPU has AVX2 or AVX-512); the pool kernel
+    needs only a build."""
     return library() is not None and _state["conv"]
 
 
@@ -203,11 +203,11 @@ def supports_conv_pool(x: Tensor, conv: torch.nn.Conv2d) -> bool:
     """A 3x3, pad-1, stride-1 convolution `conv` (fp32 weights on CPU) of x, then 2x2 pooling, that
     `conv_pool` computes; outside autocast or under CPU bf16 autocast, H and W even. Two cases:
     - one input channel: x (N, 1, H, W) fp32, no gradient wanted for x, C_out a multiple of 16 (the
-      kernel's vector width);
+      kernel's vector width, 8 or 16 floats);
     - C_in and C_out multiples of 16: x channels-last, fp32 (or bf16 under autocast), and x may need
       a gradient (ATen computes it).
-    Only on CPUs with AVX-512: elsewhere these kernels were slower than ATen's (kernels.c: by how
-    much)."""
+    Only on CPUs with AVX2 or AVX-512: elsewhere their vectors would be split, and with split vectors
+    they were slower than ATen's (kernels.c: by how much)."""
     w = conv.weight
     if not (_poolable(x)  # first: under jit tracing nothing below is looked at
             and _state["conv"]  # set by _poolable's library(): kernels.c's conv_kernels_native()
