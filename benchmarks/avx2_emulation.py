@@ -75,6 +75,8 @@ def main(argv=None) -> None:
         mfu = summarize([r * flops / peak for r in rates])
         print(f"{name:55s} {fmt(summarize(rates))} {b['unit']}/s  ratio {fmt(ratio, '.2f', suffix='x')}  "
               f"MFU {fmt(mfu, '.1%')}")
+        if name != plain_name:  # a median can hide how often a target is missed
+            print("    ratio per repeat: " + " ".join(f"{x / y:.2f}" for x, y in zip(rates, raw[plain_name])))
 
 
 if __name__ == "__main__":
