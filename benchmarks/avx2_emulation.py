@@ -71,12 +71,12 @@ def main(argv=None) -> None:
             for i, (name, ov, fn) in enumerate(b["variants"]):
                 raw[name].append(isolated(ctx, fn, b["recipe"], {**extra, **ov}, *b["steps"], f"{tmp}/{i}-{r}")["rate"])
     for name, rates in raw.items():
-        ratio = summarize([x / y for x, y in zip(rates, raw[plain_name])])
+        ratios = [x / y for x, y in zip(rates, raw[plain_name])]
         mfu = summarize([r * flops / peak for r in rates])
-        print(f"{name:55s} {fmt(summarize(rates))} {b['unit']}/s  ratio {fmt(ratio, '.2f', suffix='x')}  "
+        print(f"{name:55s} {fmt(summarize(rates))} {b['unit']}/s  ratio {fmt(summarize(ratios), '.2f', suffix='x')}  "
               f"MFU {fmt(mfu, '.1%')}")
         if name != plain_name:  # a median can hide how often a target is missed
-            print("    ratio per repeat: " + " ".join(f"{x / y:.2f}" for x, y in zip(rates, raw[plain_name])))
+            print("    ratio per repeat: " + " ".join(f"{r:.2f}" for r in ratios))
 
 
 if __name__ == "__main__":
