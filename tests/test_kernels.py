@@ -1,5 +1,6 @@
 """nnlab's CPU kernels against ATen: the 2x2 max-pool (+ReLU) against F.max_pool2d and torch.relu
-(values and gradients, bit for bit), and the fused conv 1->C + pool + ReLU against conv, pool, relu."""
+(values and gradients, bit for bit), the fused conv 1->C + pool + ReLU against conv, pool, relu, and
+Winograd's 3x3 convolution against a float64 one."""
 
 import os
 import platform
@@ -230,10 +231,14 @@ def test_wide_conv_pool_matches_conv_then_pool(c_in, relu, bf16):
         ya, gxa, gwa, gba = wide_grads(lambda x, c: conv_reference(x, c, relu), x, conv, g)
         yb, gxb, gwb, gbb = wide_grads(lambda x, c: kernels.conv_pool(x, c, relu), x, conv, g)
     assert yb.dtype == ya.dtype == (torch.bfloat16 if bf16 else torch.float32)
-    assert torch.equal(yb, ya)  # the same convolution, and a pool that matches ATen's bit for bit
+    if bf16:
+        assert torch.equal(yb, ya)  # ATen's convolution, and a pool that matches ATen's bit for bit
+    else:  # winograd.c's convolution: the same sums up to rounding
+        torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
     assert gxb.dtype == x.dtype
-    # The input gradient is ATen's too (from the same full-size gradient); the weight gradient is the
-    # same sum in another order, and under bf16 the reference's is rounded to bf16, this one's is not.
+    # The input gradient is ATen's or winograd.c's from the same full-size gradient; the weight
+    # gradient is the same sum in another order, and under bf16 the reference's is rounded to bf16,
+    # this one's is not.
     torch.testing.assert_close(gxb, gxa, atol=1e-5, rtol=1e-5)
     tol = dict(atol=0.02, rtol=0.01) if bf16 else dict(atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(gwb, gwa, **tol)
@@ -247,6 +252,33 @@ def test_wide_conv_pool_matches_conv_then_pool(c_in, relu, bf16):
     wd = conv.weight.detach().to(x.dtype).double().requires_grad_()
     F.conv2d(x.double(), wd, padding=1).backward(gfull.view(5, 32, 10, 12))
     torch.testing.assert_close(gwb.double(), wd.grad, atol=1e-4, rtol=1e-5)
+
+
+def winograd_case(shape, c_out=64, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, shape[1], 3, 3) / (3 * shape[1] ** 0.5)
+    return x, w, torch.randn(c_out)
+
+
+@needs_kernel
+@pytest.mark.skipif(not kernels.conv_native(), reason="the conv kernels do not run on this CPU")
+@pytest.mark.parametrize("shape", [(5, 32, 6, 10), (1, 16, 2, 2), (3, 48, 14, 14)])  # 75 tiles: a part block
+def test_winograd_is_a_3x3_convolution(shape):
+    """winograd.c's F(2x2, 3x3) against a float64 convolution: within a few fp32 roundings of the
+    largest terms (a wrong transform coefficient is off by whole terms), and its pooled variant
+    exactly the pool kernel applied to its plain output."""
+    x, w, b = winograd_case(shape)
+    y = kernels._winograd(x, w, b, pool=False)
+    assert y.shape == (shape[0], 64, *shape[2:]) and y.is_contiguous(memory_format=torch.channels_last)
+    exact = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    terms = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), padding=1)  # the sum of |terms|
+    err = ((y.double() - exact).abs() / terms).max().item()
+    assert err < 1e-6, err  # seen: 1e-7 to 1.6e-7 (ATen's direct convolution: 0.4e-7 to 2.9e-7)
+    for relu in (False, True):
+        yp, code = kernels._winograd(x, w, b, pool=True, relu=relu)
+        yq, cq = kernels._pool_forward(y, relu)
+        assert torch.equal(yp, yq) and torch.equal(code, cq)
 
 
 @needs_kernel
@@ -293,7 +325,8 @@ def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(avx2_build):
             _, gw2, gb2 = conv_grads(lambda x, c: kernels.conv_pool(x, c, True), xp.nan_to_num(), wide, gwide)
         xg = xp.clone().requires_grad_()
         kernels.pool2x2(xg, True).backward(gp)
-        return y, gw, gb, kernels.pool2x2(xp, True), xg.grad, gw2, gb2
+        return (y, gw, gb, kernels.pool2x2(xp, True), xg.grad, gw2, gb2,
+                *kernels._winograd(*winograd_case((3, 48, 10, 12)), pool=True, relu=True))
 
     native = run()
     avx2_build()
@@ -309,6 +342,7 @@ def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(avx2_build):
     assert torch.equal(portable[3].nan_to_num(), yr.detach().nan_to_num())
     assert torch.equal(portable[4], xr.grad)
     assert torch.equal(portable[5], native[5]) and torch.equal(portable[6], native[6])  # the wide weight gradient
+    assert torch.equal(portable[7], native[7]) and torch.equal(portable[8], native[8])  # Winograd + pool
 
 
 def test_conv_pool_declines_what_it_does_not_compute():

@@ -28,9 +28,7 @@
 #include <string.h>
 
 #include "bf16.h"
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 static inline float f32_to_float(float v) { return v; }
 
@@ -121,57 +119,6 @@ POOL_KERNELS(f32, float, uint32_t, f32_to_float)
    mode x, W and b are rounded to bf16 first, as autocast rounds a bf16 convolution's inputs, and
    each conv output is rounded to bf16 (round to nearest even) before the max, as its output is.
    Float accumulation order differs from oneDNN's, so values agree to rounding, not bit for bit. */
-/* The conv kernels work on LANES channels at a time in GCC vector types as wide as the CPU's own
-   (16 floats with AVX-512, 8 with AVX2), with their accumulators in registers (forward: one per
-   window position, through the 9 taps; backward: one per tap, along a row of windows). Written as
-   plain loops over c, the compiler kept them in memory, and the kernels ran 3x (forward) and 7x
-   (backward) slower. C must be a multiple of 16 (kernels.py checks). */
-#if defined(__AVX512F__)
-#define LANES 16
-#else
-#define LANES 8
-#endif
-typedef float vf __attribute__((vector_size(LANES * 4)));
-typedef int32_t vi __attribute__((vector_size(LANES * 4)));
-typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
-typedef uint16_t vh __attribute__((vector_size(LANES * 2)));  /* LANES bf16 bit patterns */
-typedef uint8_t vb __attribute__((vector_size(LANES)));       /* LANES winner codes */
-
-static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
-static inline vi viselect(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
-/* LANES winner codes, widened to 32 bits. gcc 12 compiles __builtin_convertvector from bytes into
-   ~40 scalar extracts and inserts, so x86 CPUs get the widening instruction itself: conv3x3_pool2x2_bwd
-   then took 0.59x its time (interleaved, AMX Xeon, bf16 and fp32), with the same output bits. */
-static inline vi load_codes(const uint8_t *p) {
-#if defined(__AVX512F__)
-    return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-#elif defined(__AVX2__)
-    return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-#else
-    vb b;
-    memcpy(&b, p, sizeof b);
-    return __builtin_convertvector(b, vi);
-#endif
-}
-
-#if defined(__AVX512BF16__)
-/* The CPU's own conversion (vcvtneps2bf16): one instruction for the ~7 below. Nearest even, and a
-   NaN stays NaN, as below; unlike below, it flushes denormals to zero. */
-static inline vf vround_bf16(vf f) {
-    __m256bh h = _mm512_cvtneps_pbh((__m512)f);
-    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16);
-}
-#else
-static inline vf vround_bf16(vf f) {  /* to the nearest bf16, ties to even; a NaN stays NaN */
-    vu u = (vu)f;  /* unsigned: the carry into the exponent must wrap, not overflow */
-    vu r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    vi nan = (vi)((u & 0x7fffffffu) > 0x7f800000u);
-    return (vf)viselect(nan, (vi)((u | 0x00400000u) & 0xffff0000u), (vi)r);
-}
-#endif
-
 /* 1 where the conv kernels' vectors are the CPU's own: AVX-512 (16 floats) or AVX2 (8). With
    16-float vectors everywhere, as first written, gcc split them in two on AVX2, spilled the
    register-blocked accumulators and converted codes lane by lane: a seed-cnn fp32 step with every
@@ -222,21 +169,10 @@ static inline __attribute__((always_inline)) void fwd_row(
         for (int k = 0; k < 4; k++) v[k] += u[k];
         if (bf16)
             for (int k = 0; k < 4; k++) v[k] = vround_bf16(v[k]);
-        vf m = v[0];
-        vi kk = (vi){0};
-        for (int k = 1; k < 4; k++) {
-            vi win = (v[k] > m) | (v[k] != v[k]);  /* first max wins; a NaN wins */
-            m = vselect(win, v[k], m);
-            kk = viselect(win, (vi){0} + k, kk);
-        }
-        if (relu) {
-            vi off = m <= 0.0f;
-            m = vselect(off, (vf){0}, m);
-            kk = viselect(off, (vi){0} + 4, kk);
-        }
+        vi kk;
+        const vf m = window_max(v, relu, &kk);
         long o = j * C + c0;
-        vb codes = __builtin_convertvector(kk, vb);
-        memcpy(code + o, &codes, sizeof codes);
+        store_codes(code + o, kk);
         if (bf16) {
             vh bits = __builtin_convertvector((vi)m >> 16, vh);  /* exact: m holds bf16 values already */
             memcpy((uint16_t *)y + o, &bits, sizeof bits);

@@ -7,15 +7,18 @@ oneDNN computes densely (kernels.c says why ATen is slow there):
 - `conv_pool(x, conv, relu)`: max_pool2d(conv(x), 2) (then ReLU) for a 3x3 convolution.
   - One input channel (block 1): one pass that never writes the full-size conv output; it
     declines inputs that need a gradient (attacks and saliency then take the unfused path).
-  - Input channels a multiple of 16 (block 2): ATen convolves and computes the input gradient,
-    the pool kernel pools, and the weight gradient is summed from the pooled gradient, at the
-    windows' winners only.
+  - Input channels a multiple of 16 (block 2): under bf16 autocast ATen (oneDNN) convolves and
+    computes the input gradient; in fp32 winograd.c does both with Winograd's F(2x2, 3x3), 16
+    multiplies per 2x2 outputs instead of 36, fused with the pooling in forward (output channels a
+    multiple of 32, else ATen). The pool kernel pools, and the weight gradient is summed from the
+    pooled gradient, at the windows' winners only.
   Equal to the unfused path up to float rounding, in fp32 and under bf16 autocast.
   `supports_conv_pool(x, conv)`.
-tests/test_kernels.py compares each with ATen. Callers use ATen whenever `supports*` says no.
-The same library holds attention.c, the self-attention kernel that nn/attention.py wraps.
+tests/test_kernels.py compares each with ATen (Winograd also with a float64 convolution). Callers
+use ATen whenever `supports*` says no. The same library holds attention.c, the self-attention
+kernel that nn/attention.py wraps.
 
-kernels.c (with attention.c) is compiled on first use into the user's cache folder and loaded
+kernels.c (with winograd.c and attention.c) is compiled on first use into the user's cache folder and loaded
 with ctypes: plain C needs no torch headers, so it builds in about a second. The build is keyed by
 the sources, the flags and the CPU (it uses -march=native), so a cache folder shared between
 machines never loads a binary built for another processor. Without a C compiler, or with
@@ -36,9 +39,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-# One library: attention.py calls attention.c's functions; both include bf16.h.
-SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "attention.c")]
-HEADERS = [Path(__file__).with_name("bf16.h")]
+# One library: attention.py calls attention.c's functions; the C files share bf16.h and simd.h.
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "winograd.c", "attention.c")]
+HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "simd.h")]
 # -ffp-contract=fast: multiply-adds as FMAs (-std=c11 alone turns that off; 1.5x on the conv kernel).
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 if platform.machine() in ("x86_64", "AMD64"):
@@ -109,6 +112,8 @@ def _build() -> ctypes.CDLL | None:
     dll.conv3x3_pool2x2_bwd.argtypes = [P, P, P, P, P, L, L, L, L, I, I]
     dll.conv3x3_pool2x2_wgrad.argtypes = [P, P, P, P, P, L, L, L, L, L, I, I]
     dll.conv3x3_pool2x2_wgrad.restype = I
+    dll.conv3x3_winograd.argtypes = [P, P, P, P, P, L, L, L, L, L, I, I, I]
+    dll.conv3x3_winograd.restype = I
     dll.conv_kernels_native.restype = I
     F = ctypes.c_float
     dll.attention_fwd.argtypes = [P, P, P, L, L, L, L, F, I, I, I]
@@ -256,16 +261,47 @@ class _Conv3x3Pool2x2(torch.autograd.Function):
         return None, gw, gb.sum(0) if ctx.has_bias else None, None, None
 
 
+# Winograd's F(2x2, 3x3): the filter transform G (4x3); winograd.c applies the input and output ones.
+_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+def _winograd(x: Tensor, weight: Tensor, bias: Tensor | None, pool: bool, relu: bool = False):
+    """conv2d(x, weight, bias, padding=1) in fp32 by winograd.c, x channels-last; with pool, the 2x2
+    max-pool (then ReLU) of it and the winner codes, else the convolution, channels-last."""
+    N, C, H, W = x.shape
+    O = weight.shape[0]
+    U = torch.einsum("ak,oikl,bl->abio", _G, weight.float(), _G).reshape(16, C, O).contiguous()
+    shape = (N, O, H // 2, W // 2) if pool else (N, O, H, W)
+    y = torch.empty(shape, memory_format=torch.channels_last)
+    code = torch.empty(shape, dtype=torch.uint8, memory_format=torch.channels_last) if pool else None
+    b = bias.detach().float().contiguous() if bias is not None else None
+    if library().conv3x3_winograd(x.data_ptr(), U.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(),
+                                  code.data_ptr() if pool else None, N, H, W, C, O, int(pool), int(relu),
+                                  torch.get_num_threads()):
+        raise MemoryError("conv3x3_winograd: out of memory for its scratch")
+    return (y, code) if pool else y
+
+
+def _winograd_takes(c_in: int, c_out: int) -> bool:
+    """Channel counts winograd.c takes: inputs in whole vectors, outputs in pairs of them (AVX-512's)."""
+    return c_in % 16 == 0 and c_out % 32 == 0
+
+
 class _ConvPool2x2(torch.autograd.Function):
-    """max_pool2d(conv(x), 2) (then ReLU) for C_in > 1: ATen (oneDNN) convolves and computes the input
-    gradient, pool2x2 pools, and the weight and bias gradients come from kernels.c's
-    conv3x3_pool2x2_wgrad, which reads only the windows' winners.
+    """max_pool2d(conv(x), 2) (then ReLU) for C_in > 1: the convolution and its input gradient by
+    ATen (oneDNN), or in fp32 by winograd.c (fused with the pooling in forward); pool2x2 pools; the
+    weight and bias gradients come from kernels.c's conv3x3_pool2x2_wgrad, which reads only the
+    windows' winners.
 
     Why: oneDNN's weight gradient of seed-cnn's conv2 (batch 64, 32x14x14 -> 64 channels) was the
     largest single cost of a training step, 2x its forward. From the pooled gradient it is a quarter
     of the multiply-adds. Interleaved on the AMX Xeon (21 rounds, 14% of windows without gradient),
     kernel / oneDNN's weight+bias gradient: bf16 1.09 / 1.49 ms (0.74x), fp32 1.18 / 2.90 ms (0.43x);
-    oneDNN's input gradient alone took a third of its input+weight gradient."""
+    oneDNN's input gradient alone took a third of its input+weight gradient. Winograd in fp32: the
+    seed-cnn channels-last step took 0.79x [0.66-0.89] the time with it as with oneDNN where every
+    library was held to AVX2, 0.88x [0.80-0.94] with AVX-512 (interleaved, 14 rounds, AMX Xeon);
+    oneDNN's AVX2 convolution ran at about the FMA peak, so only fewer multiplies could be faster.
+    Under bf16 oneDNN's AMX convolution stays."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, bf16: bool, relu: bool) -> Tensor:
@@ -274,8 +310,11 @@ class _ConvPool2x2(torch.autograd.Function):
         x = x.detach().to(dtype).contiguous(memory_format=torch.channels_last)
         w = weight.detach().to(dtype)
         b = bias.detach().to(dtype) if bias is not None else None
-        y = torch.ops.aten.convolution(x, w, b, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
-        y, code = _pool_forward(y.contiguous(memory_format=torch.channels_last), relu)
+        if not bf16 and _winograd_takes(w.shape[1], w.shape[0]):
+            y, code = _winograd(x, w, b, pool=True, relu=relu)
+        else:
+            y = torch.ops.aten.convolution(x, w, b, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+            y, code = _pool_forward(y.contiguous(memory_format=torch.channels_last), relu)
         ctx.save_for_backward(x, w, code)
         ctx.has_bias = bias is not None
         return y
@@ -291,8 +330,11 @@ class _ConvPool2x2(torch.autograd.Function):
         gx = None
         if ctx.needs_input_grad[0]:  # the convolution's full-size gradient, then ATen's input gradient
             gconv = _pool_backward(gy, code, torch.Size((N, C, H, W)))
-            gx = torch.ops.aten.convolution_backward(gconv, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                     [True, False, False])[0]
+            if x.dtype == torch.float32 and _winograd_takes(C, C_in):  # the convolution of gconv with W flipped
+                gx = _winograd(gconv, w.flip(2, 3).transpose(0, 1), None, pool=False)
+            else:
+                gx = torch.ops.aten.convolution_backward(gconv, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                         1, [True, False, False])[0]
         gw, gb = torch.empty(C, 3, 3, C_in), torch.empty(C)
         if library().conv3x3_pool2x2_wgrad(x.data_ptr(), gy.data_ptr(), code.data_ptr(), gw.data_ptr(),
                                            gb.data_ptr(), N, H, W, C_in, C, int(x.dtype == torch.bfloat16), threads):
