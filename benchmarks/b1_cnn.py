@@ -13,7 +13,8 @@ Every run is a fresh process (common.isolated), as a user's script would be. Aft
 3 epochs of the plain loop and of the fastest eager variant compare test accuracy.
 Steady state = the steps after the first `warm` (timed separately, as warm-up). Repeats run the
 variants in turn (plain, nnlab, ..., plain, nnlab, ...) so drift hits every side alike.
-MFU counts the conv/fc multiply-adds: 2 FLOPs each, x3 for forward + backward.
+MFU counts the conv/fc multiply-adds: 2 FLOPs each, x3 for forward + backward (a direct
+convolution's count: in fp32 nnlab convolves by Winograd's F(2x2, 3x3), with fewer).
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def run(ctx: Ctx) -> dict:
                                         "nnlab_precision": acc["nnlab"]["precision"], "gap_points": 100 * gap}
     return {
         "title": f"B1 seed-cnn training throughput: batch 64, SGD lr 0.01, {warm} warm-up + {steady} timed steps",
-        "notes": [f"model FLOPs per training sample: {flops / 1e6:.1f} M (3 x 2 x conv/fc multiply-adds)",
+        "notes": [f"model FLOPs per training sample: {flops / 1e6:.1f} M (3 x 2 x conv/fc multiply-adds, as a direct "
+                  "convolution does them; nnlab's fp32 Winograd convolution does fewer, so its MFU may pass 100%)",
                   "ratio = samples/s over the plain loop's in the same repeat; warm-up = first "
                   f"{warm} steps; setup = data loading and model building before the first step",
                   auto_note(results[NNLAB[-1][0]]), crosscheck, f"nnlab's kernels: {kernels.status()}",
