@@ -279,6 +279,8 @@ def test_winograd_is_a_3x3_convolution(shape):
         yp, code = kernels._winograd(x, w, b, pool=True, relu=relu)
         yq, cq = kernels._pool_forward(y, relu)
         assert torch.equal(yp, yq) and torch.equal(code, cq)
+    with pytest.raises(ValueError, match="even H, W"):  # what supports_conv_pool keeps from it
+        kernels._winograd(x[:, :, :, 1:].contiguous(memory_format=torch.channels_last), w, b, pool=False)
 
 
 @needs_kernel

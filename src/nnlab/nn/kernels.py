@@ -275,9 +275,12 @@ def _winograd(x: Tensor, weight: Tensor, bias: Tensor | None, pool: bool, relu: 
     y = torch.empty(shape, memory_format=torch.channels_last)
     code = torch.empty(shape, dtype=torch.uint8, memory_format=torch.channels_last) if pool else None
     b = bias.detach().float().contiguous() if bias is not None else None
-    if library().conv3x3_winograd(x.data_ptr(), U.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(),
-                                  code.data_ptr() if pool else None, N, H, W, C, O, int(pool), int(relu),
-                                  torch.get_num_threads()):
+    rc = library().conv3x3_winograd(x.data_ptr(), U.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(),
+                                    code.data_ptr() if pool else None, N, H, W, C, O, int(pool), int(relu),
+                                    torch.get_num_threads())
+    if rc == -2:
+        raise ValueError(f"conv3x3_winograd: takes even H, W and whole vectors of channels, got {tuple(x.shape)} -> {O}")
+    if rc:
         raise MemoryError("conv3x3_winograd: out of memory for its scratch")
     return (y, code) if pool else y
 
