@@ -18,10 +18,10 @@ tests/test_kernels.py compares each with ATen (Winograd also with a float64 conv
 use ATen whenever `supports*` says no. The same library holds attention.c, the self-attention
 kernel that nn/attention.py wraps.
 
-kernels.c (with winograd.c and attention.c) is compiled on first use into the user's cache folder and loaded
-with ctypes: plain C needs no torch headers, so it builds in about a second. The build is keyed by
-the sources, the flags and the CPU (it uses -march=native), so a cache folder shared between
-machines never loads a binary built for another processor. Without a C compiler, or with
+kernels.c (with winograd.c and attention.c) is compiled on first use into the user's cache folder
+and loaded with ctypes: plain C needs no torch headers, so it builds in about a second. The build
+is keyed by the sources, the flags and the CPU (it uses -march=native), so a cache folder shared
+between machines never loads a binary built for another processor. Without a C compiler, or with
 NNLAB_NO_KERNELS=1 set, every `supports*` is False and nothing changes but speed.
 """
 
@@ -279,7 +279,8 @@ def _winograd(x: Tensor, weight: Tensor, bias: Tensor | None, pool: bool, relu: 
                                     code.data_ptr() if pool else None, N, H, W, C, O, int(pool), int(relu),
                                     torch.get_num_threads())
     if rc == -2:
-        raise ValueError(f"conv3x3_winograd: takes even H, W and whole vectors of channels, got {tuple(x.shape)} -> {O}")
+        raise ValueError(f"conv3x3_winograd: takes even H, W and whole vectors of channels, "
+                         f"got {tuple(x.shape)} -> {O}")
     if rc:
         raise MemoryError("conv3x3_winograd: out of memory for its scratch")
     return (y, code) if pool else y

@@ -44,7 +44,8 @@ static void transform_input(const float *restrict x, float *restrict V, long t0,
             for (int r = 0; r < 4; r++)
                 for (int s = 0; s < 4; s++) {
                     const long y = 2 * ti - 1 + r, xx = 2 * tj - 1 + s;  /* padding 1: zeros outside */
-                    d[r][s] = y >= 0 && y < H && xx >= 0 && xx < W ? vload(x + ((n * H + y) * W + xx) * C + c0) : (vf){0};
+                    const int inside = y >= 0 && y < H && xx >= 0 && xx < W;
+                    d[r][s] = inside ? vload(x + ((n * H + y) * W + xx) * C + c0) : (vf){0};
                 }
             /* B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], on the columns, then on the rows. */
             for (int s = 0; s < 4; s++) {
