@@ -104,9 +104,10 @@ def test_seed_cnn_is_the_articles_architecture():
                                               ("channels_last", "bf16")])
 def test_seed_cnn_runs_nnlabs_kernels(monkeypatch, layout, precision):
     """Block 1 runs as one fused conv+pool+ReLU; block 2 (channels-last by then) as conv + the pool
-    kernel, with its weight gradient from the pooled gradient."""
+    kernel, with its weight gradient from the pooled gradient, and in fp32 its convolution and input
+    gradient by Winograd."""
     calls = []
-    for name in ("conv_pool", "pool2x2"):  # conv_pool, not pool2x2, must run both blocks
+    for name in ("conv_pool", "pool2x2", "_winograd"):  # conv_pool, not pool2x2, must run both blocks
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
     model = build_model("seed-cnn").to(memory_format=getattr(torch, "channels_last" if layout == "channels_last"
@@ -114,6 +115,7 @@ def test_seed_cnn_runs_nnlabs_kernels(monkeypatch, layout, precision):
     with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
         out = model(example_input("seed-cnn"))
     out.float().sum().backward()
-    # Without AVX-512 the conv kernels are slower than ATen's, and only the pools run on nnlab's kernel.
-    assert calls == (["conv_pool", "conv_pool"] if kernels.conv_native() else ["pool2x2", "pool2x2"])
+    # Without AVX2 or AVX-512 the conv kernels are slower than ATen's, and only the pools run on nnlab's.
+    winograd = ["_winograd", "_winograd"] if precision == "fp32" else []  # forward, then the input gradient
+    assert calls == (["conv_pool", "conv_pool", *winograd] if kernels.conv_native() else ["pool2x2", "pool2x2"])
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
