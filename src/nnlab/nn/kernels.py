@@ -332,7 +332,7 @@ class _ConvPool2x2(torch.autograd.Function):
         gy = gy.to(x.dtype).contiguous(memory_format=torch.channels_last)
         threads = torch.get_num_threads()
         gx = None
-        if ctx.needs_input_grad[0]:  # the convolution's full-size gradient, then ATen's input gradient
+        if ctx.needs_input_grad[0]:  # the convolution's full-size gradient, then its input gradient
             gconv = _pool_backward(gy, code, torch.Size((N, C, H, W)))
             if x.dtype == torch.float32 and _winograd_takes(C, C_in):  # the convolution of gconv with W flipped
                 gx = _winograd(gconv, w.flip(2, 3).transpose(0, 1), None, pool=False)
