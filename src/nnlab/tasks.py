@@ -79,7 +79,9 @@ class ImageTask(Task):
     def batch(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         """Rows lo:hi of the global batch at `step`."""
         idx = self._rows(step, lo, hi)
-        return self.x_train[idx], self.data.y_train[idx]
+        # index_select, not x[idx]: the same rows, gathered by a plain row copy instead of the general
+        # advanced-indexing kernel (64 Fashion-MNIST images: 8.7 against 43.7 us, AMX Xeon).
+        return self.x_train.index_select(0, idx), self.data.y_train.index_select(0, idx)
 
     @torch.no_grad()
     def evaluate(self, model, device) -> dict:
