@@ -281,6 +281,8 @@ def test_winograd_is_a_3x3_convolution(shape):
         assert torch.equal(yp, yq) and torch.equal(code, cq)
     with pytest.raises(ValueError, match="even H, W"):  # what supports_conv_pool keeps from it
         kernels._winograd(x[:, :, :, 1:].contiguous(memory_format=torch.channels_last), w, b, pool=False)
+    with pytest.raises(ValueError, match="channels-last fp32"):  # C would read NCHW memory as NHWC
+        kernels._winograd(x.contiguous(), w, b, pool=False)
 
 
 @needs_kernel

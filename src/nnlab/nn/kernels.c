@@ -291,8 +291,8 @@ void conv3x3_pool2x2_bwd(const void *restrict gy, const uint8_t *restrict code, 
    each call, batch 64), ~40 us in isolation. */
 
 /* dw (9 taps, channels c0.. of Cin) += the sum over the m windows of gv[e] times the 3x3 patch whose
-   top-left pixel is off[e] in xb, one (H+2, W+2, NV*LANES) block of channels. NV = 1 or 2 vectors: up to 18
-   accumulators stay in registers while the windows stream by. */
+   top-left pixel is off[e] in xb, one (H+2, W+2, NV*LANES) block of channels. NV = 1 or 2 vectors:
+   up to 18 accumulators stay in registers while the windows stream by. */
 static inline __attribute__((always_inline)) void wgrad_block(
         const float *restrict xb, long Wp, const int32_t *restrict off, const float *restrict gv, long m,
         float *restrict dw, long Cin, const int NV) {
@@ -356,7 +356,7 @@ int conv3x3_pool2x2_wgrad(const void *restrict x, const void *restrict gy, const
                         for (long c = 0; c < B; c += LANES) vstore(xf + d + c, load_grad(x, s + c, bf16));
                 }
             const long q0 = n * P * Cout;
-            /* Bias: the sum of the gradients that pass (code < 4), 16 output channels at a time. */
+            /* Bias: the sum of the gradients that pass (code < 4), LANES output channels at a time. */
             for (long p = 0; p < P; p++)
                 for (long c0 = 0; c0 < Cout; c0 += LANES) {
                     long q = q0 + p * Cout + c0;

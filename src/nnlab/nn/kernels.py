@@ -268,6 +268,8 @@ _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0
 def _winograd(x: Tensor, weight: Tensor, bias: Tensor | None, pool: bool, relu: bool = False):
     """conv2d(x, weight, bias, padding=1) in fp32 by winograd.c, x channels-last; with pool, the 2x2
     max-pool (then ReLU) of it and the winner codes, else the convolution, channels-last."""
+    if x.dtype != torch.float32 or not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"conv3x3_winograd: takes a channels-last fp32 tensor, got {x.dtype} with strides {x.stride()}")
     N, C, H, W = x.shape
     O = weight.shape[0]
     U = torch.einsum("ak,oikl,bl->abio", _G, weight.float(), _G).reshape(16, C, O).contiguous()

@@ -7,11 +7,12 @@
 #include <immintrin.h>
 #endif
 
-/* The conv kernels work on LANES channels at a time in GCC vector types as wide as the CPU's own
-   (16 floats with AVX-512, 8 with AVX2), with their accumulators in registers (forward: one per
-   window position, through the 9 taps; backward: one per tap, along a row of windows). Written as
-   plain loops over c, the compiler kept them in memory, and the kernels ran 3x (forward) and 7x
-   (backward) slower. C must be a multiple of 16 (kernels.py checks). */
+/* The conv kernels (kernels.c, winograd.c) work on LANES channels at a time in GCC vector types as
+   wide as the CPU's own (16 floats with AVX-512, 8 with AVX2), with their accumulators in registers
+   (kernels.c's forward: one per window position, through the 9 taps; its backward: one per tap,
+   along a row of windows). Written as plain loops over c, the compiler kept them in memory, and
+   those kernels ran 3x (forward) and 7x (backward) slower. C must be a multiple of 16 (kernels.py
+   checks). */
 #if defined(__AVX512F__)
 #define LANES 16
 #else
