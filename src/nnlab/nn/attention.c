@@ -25,26 +25,90 @@
 
 #include "bf16.h"
 
-/* e^x for x <= 0 (what softmax takes after subtracting the row maximum): 2^n * e^r with
-   |r| <= ln2/2 and Cephes' polynomial for e^r: within 1.02 ulp of the exact e^x at every float in
-   [-87, 0] (checked one by one, with FMAs as built here); 0 below -87 (where e^x would be
-   denormal), NaN for NaN. Written branch-free so the loops calling it vectorize. */
-static inline float exp_nonpos(float x) {
-    float xc = x < -87.0f ? -87.0f : x;
-    float n = __builtin_rintf(xc * 1.44269504088896341f);
-    float r = xc - n * 0.693359375f;
+/* The products below are small (T x T and T x D per (batch, head) pair) and stay in L1/L2, so
+   what bounds them is loads and the FMAs' latency, not memory: an MR-row x 2-vector register tile
+   loads 2 vectors of B and MR scalars of A for its 2 MR FMAs per k. MR = 8 where AVX-512's 32
+   registers hold the 16 sums (0.95-0.98x the time of MR = 4 there, forward and backward, fp32
+   and bf16, interleaved on the AMX Xeon), else 4 (AVX2 has 16 registers). VL is the CPU's vector
+   width in floats; every scratch row is padded to a multiple of NV = 2 VL columns (zeros), so no
+   tile needs a remainder loop. */
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+#define NV (2 * VL)
+#if VL == 16
+#define MR 8
+#else
+#define MR 4
+#endif
+typedef float vec __attribute__((vector_size(VL * 4)));
+
+static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
+static inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
+typedef int32_t ivec __attribute__((vector_size(VL * 4)));
+static inline vec splat(float x) { return (vec){0} + x; }
+static inline vec vsel(ivec m, vec a, vec b) { return (vec)(((ivec)a & m) | ((ivec)b & ~m)); }
+static inline ivec lane_index(void) {
+    ivec l;
+    for (int i = 0; i < VL; i++) l[i] = i;
+    return l;
+}
+/* The largest lane (a NaN lane loses every comparison, as in a scalar max loop) and the sum of the
+   lanes, pairwise: log2(VL) shuffles each. */
+static inline float hmax(vec v) {
+    for (int s = VL / 2; s > 0; s /= 2) {
+        const vec w = __builtin_shuffle(v, lane_index() ^ s);
+        v = vsel(w > v, w, v);
+    }
+    return v[0];
+}
+static inline float hsum(vec v) {
+    for (int s = VL / 2; s > 0; s /= 2) v += __builtin_shuffle(v, lane_index() ^ s);
+    return v[0];
+}
+
+/* Keeps v in a register as it is: what comes after it cannot be fused with the operation that made
+   it (no FMA of a product rounded on its own). */
+#if defined(__x86_64__) || defined(__i386__)
+#define SEPARATE(v) __asm__("" : "+x"(v))
+#elif defined(__aarch64__)
+#define SEPARATE(v) __asm__("" : "+w"(v))
+#else
+#define SEPARATE(v) (void)0
+#endif
+
+/* e^x, lane by lane, for x <= 0 (what softmax takes after subtracting the row maximum): 2^n * e^r
+   with |r| <= ln2/2 and Cephes' polynomial for e^r: within 1.02 ulp of the exact e^x at every float
+   in [-87, 0] (checked one by one, with FMAs as built here); 0 below -87 (where e^x would be
+   denormal), NaN for NaN. n = rint(x log2 e) by adding and subtracting 1.5 * 2^23, exact for
+   |x log2 e| < 2^22, the product rounded first (SEPARATE), as rintf would take it: every float in
+   [-88, 0] gives the same bits as the scalar version this replaced (checked one by one, AVX-512
+   and AVX2 builds). With that scalar version in loops gcc vectorized, the softmax took ~7,900 of
+   a forward's ~16,900 TSC cycles per (batch, head) pair of the baby GPT (fp32, AMX Xeon). */
+static inline vec vexp_nonpos(vec x) {
+    const ivec under = x < splat(-87.0f);
+    const vec xc = vsel(under, splat(-87.0f), x);
+    vec t = xc * 1.44269504088896341f;
+    SEPARATE(t);
+    vec n = t + 12582912.0f;
+    SEPARATE(n);
+    n = n - 12582912.0f;
+    vec r = xc - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
+    vec p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
-    float s;
-    memcpy(&s, &bits, 4);
-    return x < -87.0f ? 0.0f : p * s;
+    const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return vsel(under, (vec){0}, p * (vec)bits);
 }
 
 /* log(x) for normal x > 0: e ln2 + log(m), x = m 2^e with m in [sqrt(1/2), sqrt(2)), and Cephes'
@@ -77,40 +141,25 @@ static inline float log_pos(float x) {
     return m + y + 0.693359375f * e;
 }
 
-/* The products below are small (T x T and T x D per (batch, head) pair) and stay in L1/L2, so
-   what bounds them is loads, not memory: a 4-row x 2-vector register tile loads 2 vectors of B and
-   4 scalars of A for its 8 FMAs per k. VL is the CPU's vector width in floats; every scratch row
-   is padded to a multiple of NV = 2 VL columns (zeros), so no tile needs a remainder loop. */
-#if defined(__AVX512F__)
-#define VL 16
-#elif defined(__AVX__)
-#define VL 8
-#else
-#define VL 4
-#endif
-#define NV (2 * VL)
-#define MR 4
-typedef float vec __attribute__((vector_size(VL * 4)));
-
-static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
-static inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
-
 /* C[i][n] = sum over k in [k0, k1) of A(i, k) B[k][n], for the MR rows from c and the NV columns
    from n0. A(i, k) = a[i * sai + k * sak] (so A can be a transpose in place); B is row-major with
    row stride ldb. */
 static inline void tile(float *restrict c, long ldc, const float *restrict a, long sai, long sak,
                         const float *restrict b, long ldb, long k0, long k1) {
-    vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};
+    vec acc[MR][2];
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = (vec){0};
     for (long k = k0; k < k1; k++) {
         const vec b0 = vload(b + k * ldb), b1 = vload(b + k * ldb + VL);
         const float *ak = a + k * sak;
-        const float a0 = ak[0], a1 = ak[sai], a2 = ak[2 * sai], a3 = ak[3 * sai];
-        c00 += a0 * b0, c01 += a0 * b1, c10 += a1 * b0, c11 += a1 * b1;
-        c20 += a2 * b0, c21 += a2 * b1, c30 += a3 * b0, c31 += a3 * b1;
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < MR; r++) {
+            const float ar = ak[r * sai];
+            acc[r][0] += ar * b0, acc[r][1] += ar * b1;
+        }
     }
-    vstore(c, c00), vstore(c + VL, c01), vstore(c + ldc, c10), vstore(c + ldc + VL, c11);
-    vstore(c + 2 * ldc, c20), vstore(c + 2 * ldc + VL, c21), vstore(c + 3 * ldc, c30), vstore(c + 3 * ldc + VL, c31);
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < MR; r++) vstore(c + r * ldc, acc[r][0]), vstore(c + r * ldc + VL, acc[r][1]);
 }
 
 /* C (M x N, row stride ldc) = A B with k in [0, K), where a causal product skips what the mask
@@ -146,8 +195,6 @@ static float *scratch_alloc(Scratch *s, long T, long D) {
     }
     return buf;
 }
-
-typedef int32_t ivec __attribute__((vector_size(VL * 4)));
 
 /* dst[c][r] = src[r][c] for one VL x VL block (row strides ld, ls), in registers: round h swaps the
    off-diagonal h x h blocks of every 2h x 2h block, two shuffles per pair of rows. With a scalar
@@ -219,45 +266,51 @@ static void store_rows(void *dst, long stride, long col, const float *restrict s
     }
 }
 
-/* Row i of the scores in p (Tp wide) -> its probabilities: exp(s - lse) with lse given, or
-   softmax (then the row's maximum is returned and its sum of exponentials written to *sum: the
-   caller takes the log-sum-exp, max + log(sum), for all rows at once). Columns past the causal
-   mask (or past T) are set to 0, so the products after it may run over the whole padded row. The loops go VL columns
-   at a time with per-lane partial results: with a bound of n, gcc left the tail of each row to
-   scalar code, which took longer than the vector part. */
-static float softmax_row(float *restrict p, long n, long Tp, const float *lse, float *sum) {
-    const long nv = round_up(n, VL);
-    float m = p[0], l = 0.0f, part[VL];
-    if (lse) {
-        m = *lse;
-    } else {
-        for (long jj = 0; jj < VL; jj++)
-            part[jj] = p[0];
-        for (long j0 = 0; j0 < nv; j0 += VL)
-            for (long jj = 0; jj < VL; jj++)
-                part[jj] = j0 + jj < n && p[j0 + jj] > part[jj] ? p[j0 + jj] : part[jj];
-        for (long jj = 0; jj < VL; jj++)
-            m = part[jj] > m ? part[jj] : m;
+/* The largest of a row's first n scores. */
+static inline float row_max(const float *restrict p, long n) {
+    const ivec lane = lane_index(), end = (ivec){0} + (int32_t)n;
+    vec part = splat(p[0]);
+    for (long j0 = 0; j0 < n; j0 += VL) {
+        const vec x = vload(p + j0);
+        part = vsel((lane + (int32_t)j0 < end) & (x > part), x, part);
     }
-    for (long jj = 0; jj < VL; jj++)
-        part[jj] = 0.0f;
-    for (long j0 = 0; j0 < nv; j0 += VL)
-        for (long jj = 0; jj < VL; jj++) {
-            float e = j0 + jj < n ? exp_nonpos(p[j0 + jj] - m) : 0.0f;
-            p[j0 + jj] = e;
-            part[jj] += e;
-        }
+    return hmax(part);
+}
+
+/* A row's first n scores s -> exp(s - m), the rest of its Tp columns -> 0 (so the products after
+   it may run over the whole padded row); returns the sum of the exponentials. */
+static inline float exp_row(float *restrict p, long n, long Tp, float m) {
+    const ivec lane = lane_index(), end = (ivec){0} + (int32_t)n;
+    const vec mv = splat(m);
+    const long nv = round_up(n, VL);
+    vec l = {0};
+    for (long j0 = 0; j0 < nv; j0 += VL) {
+        const vec e = vsel(lane + (int32_t)j0 < end, vexp_nonpos(vload(p + j0) - mv), (vec){0});
+        vstore(p + j0, e);
+        l += e;
+    }
     for (long j0 = nv; j0 < Tp; j0 += VL)  /* (a memset call per row took ~5% of the forward) */
         vstore(p + j0, (vec){0});
-    if (lse)
-        return m;
-    for (long jj = 0; jj < VL; jj++)
-        l += part[jj];
-    const float inv = 1.0f / l;
-    for (long j = 0; j < nv; j++)
-        p[j] *= inv;
-    *sum = l;
-    return m;
+    return hsum(l);
+}
+
+/* Rows [0, T) of the scores in p (Tp wide; row i has i + 1 keys if causal, else T) -> their
+   softmax, with each row's maximum in mx[i] and its sum of exponentials in l[i] (the caller takes
+   the log-sum-exp, max + log(sum), for all rows at once). One pass over all rows per step (maxima,
+   then exponentials, then the scaling): a row's steps depend on each other through a horizontal
+   max, a sum and a division, and done row by row that chain set the pace; with each pass's rows
+   independent the CPU overlaps them. */
+static void softmax_rows(float *restrict p, long T, long Tp, int causal, float *restrict mx, float *restrict l) {
+    for (long i = 0; i < T; i++)
+        mx[i] = row_max(p + i * Tp, causal ? i + 1 : T);
+    for (long i = 0; i < T; i++)
+        l[i] = exp_row(p + i * Tp, causal ? i + 1 : T, Tp, mx[i]);
+    for (long i = 0; i < T; i++) {
+        const float inv = 1.0f / l[i];
+        float *restrict r = p + i * Tp;
+        for (long j0 = 0; j0 < round_up(causal ? i + 1 : T, VL); j0 += VL)
+            vstore(r + j0, vload(r + j0) * inv);
+    }
 }
 
 /* One call's arguments; every (batch, head) pair reads and writes its own slices of them. */
@@ -300,8 +353,7 @@ static void fwd_pair(Scratch *s, const Args *a, long b, long h) {
     const long T = a->T, Tp = s->Tp, Dp = s->Dp, C = a->H * a->D;
     float *lse = a->lse + (b * a->H + h) * T;
     matmul(s->p, Tp, s->q, Dp, 1, s->kt, Tp, Tp, Tp, Dp, a->causal);  /* S = (scale Q) K^T */
-    for (long i = 0; i < T; i++)
-        lse[i] = softmax_row(s->p + i * Tp, a->causal ? i + 1 : T, Tp, NULL, s->l + i);
+    softmax_rows(s->p, T, Tp, a->causal, lse, s->l);
     for (long i = 0; i < T; i++)
         lse[i] += log_pos(s->l[i]);
     matmul(s->r1, Dp, s->p, Tp, 1, s->v, Dp, Tp, Dp, a->causal ? Tp : T, a->causal ? 2 : 0);  /* O = P V */
@@ -317,14 +369,21 @@ static void bwd_pair(Scratch *s, const Args *a, long b, long h) {
     load_rows(s->r1, NULL, a->y, C, h * D, s, b, 1.0f, a->bf16);  /* O, for rowsum(dO * O) */
     matmul(s->p, Tp, s->q, Dp, 1, s->kt, Tp, Tp, Tp, Dp, a->causal);      /* S */
     matmul(s->ds, Tp, s->dout, Dp, 1, s->vt, Tp, Tp, Tp, Dp, a->causal);  /* dP = dO V^T */
+    /* rowsum(dO * O) of every row first, on vectors (the padding columns of both are zeros): as a
+       scalar sum inside the loop below, one chain of dependent multiply-adds per row, it took
+       about as long as the rest of that loop. */
     for (long i = 0; i < T; i++) {
-        float *restrict p = s->p + i * Tp, *restrict ds = s->ds + i * Tp, di = 0.0f;
-        for (long c = 0; c < D; c++)
-            di += s->dout[i * Dp + c] * s->r1[i * Dp + c];
-        softmax_row(p, a->causal ? i + 1 : T, Tp, lse + i, NULL);
-#pragma omp simd
-        for (long j = 0; j < Tp; j++)
-            ds[j] = p[j] * (ds[j] - di);  /* 0 wherever p is */
+        vec acc = {0};
+        for (long c = 0; c < Dp; c += VL)
+            acc += vload(s->dout + i * Dp + c) * vload(s->r1 + i * Dp + c);
+        s->l[i] = hsum(acc);
+    }
+    for (long i = 0; i < T; i++) {
+        float *restrict p = s->p + i * Tp, *restrict ds = s->ds + i * Tp;
+        exp_row(p, a->causal ? i + 1 : T, Tp, lse[i]);  /* P, from S and the forward's lse */
+        const vec di = splat(s->l[i]);
+        for (long j0 = 0; j0 < Tp; j0 += VL)
+            vstore(ds + j0, vload(p + j0) * (vload(ds + j0) - di));  /* 0 wherever p is */
     }
     for (long i = T; i < Tp; i++)  /* padding rows: no probability, no gradient */
         memset(s->p + i * Tp, 0, sizeof(float) * Tp), memset(s->ds + i * Tp, 0, sizeof(float) * Tp);
