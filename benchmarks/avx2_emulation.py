@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 import b1_cnn  # noqa: E402
 import b3_gpt  # noqa: E402
-from common import (Ctx, conv_fc_macs, fmt, gpt_train_flops_per_token, isolated, matmul_peak, summarize,  # noqa: E402
-                    time_nnlab, train_quiet)
+from common import (Ctx, conv_fc_macs, fmt, gpt_train_flops_per_token, isolated, matmul_peak,  # noqa: E402
+                    positive_int, summarize, time_nnlab, train_quiet)
 from plain_cnn import Net  # noqa: E402
 
 from nnlab.models.gpt import GPT, GPTConfig  # noqa: E402
@@ -59,9 +59,11 @@ BENCH = {
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--bench", choices=sorted(BENCH), default="B1")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--accuracy-epochs", type=int, default=0, help="B1: also compare test accuracy after N epochs")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--accuracy-epochs", type=positive_int, help="B1: also compare test accuracy after N epochs")
     args = p.parse_args(argv)
+    if args.accuracy_epochs and args.bench != "B1":
+        p.error("--accuracy-epochs: only B1 compares test accuracy")
     b = BENCH[args.bench]
     ctx = Ctx(quick=False, repeats=args.repeats, device=torch.device("cpu"),
               machine={"threads": torch.get_num_threads()})

@@ -8,6 +8,7 @@ moment earlier for the precision in use, never a datasheet number.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import io
@@ -141,11 +142,52 @@ def print_table(columns: list[str], rows: list[list[str]]) -> None:
         print(line(r))
 
 
-def write_json(path: str, m: dict, quick: bool, repeats: int, results: dict) -> None:
+def write_json(path: str | Path, m: dict, quick: bool, repeats: int, results: dict) -> None:
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "quick": quick, "repeats": repeats,
            "torch": torch.__version__, "machine": m, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "benchmarks": results}
-    Path(path).write_text(json.dumps(doc, indent=2))
+    write_atomic(path, json.dumps(doc, indent=2))
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write text to path through a temporary file beside it and a rename, so a run stopped mid-write
+    (Ctrl-C, a full disk) leaves the previous file whole instead of a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for a count (repeats, threads, epochs): a whole number >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
+def output_file(text: str) -> Path:
+    """argparse type for a results file: checked, and its folder made, before any work is done, so
+    a bad path fails in a second instead of after a benchmark that ran for minutes."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
+    blocker = next((d for d in path.parents if d.exists() and not d.is_dir()), None)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(blocker)!r} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot make the folder for {text!r}: {e.strerror or e}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: permission denied")
+    return path
 
 
 def keep(raw: dict, name: str, x: dict | None) -> None:

@@ -19,11 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
 import nnlab
+from common import output_file, write_atomic
+from nnlab.config import load_config
+from nnlab.errors import NnlabError
 from nnlab.train.precision import cpu_name
 
 
@@ -70,15 +74,26 @@ def metric_value(text: str) -> tuple[str, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="curves.py")
     p.add_argument("recipe")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", default="runs/curves")
     p.add_argument("--target", action="append", default=[], metavar="METRIC=VALUE", type=metric_value)
     p.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of training")
-    p.add_argument("--json", help="where to write (default: benchmarks/curves/RECIPE.json)")
+    p.add_argument("--json", type=output_file, help="where to write (default: benchmarks/curves/RECIPE.json)")
     a = p.parse_args(argv)
+    if len(set(a.seeds)) < len(a.seeds):
+        p.error(f"--seeds: each seed once, got {a.seeds}")
+    try:  # a bad recipe or override fails here, in a second, not after the first seed's training
+        for seed in a.seeds:
+            load_config(a.recipe, overrides=[*a.set, f"train.seed={seed}"])
+        return write_curves(a)
+    except NnlabError as e:
+        p.exit(2, f"curves.py: error: {e}\n")
+
+
+def write_curves(a: argparse.Namespace) -> int:
     runs, summaries = [], []
     for seed in a.seeds:
         run_dir = Path(f"{a.out}/{a.recipe}-seed{seed}")
@@ -87,6 +102,10 @@ def main(argv=None) -> int:
         runs.append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
         summaries.append(json.loads((run_dir / "summary.json").read_text()))
     metrics = sorted({k for rows in runs for r in rows if r["event"] == "eval" for k in r} - {"event", "step", "time", "train_seconds"})
+    unknown = [m for m, _ in a.target if m not in metrics]
+    if unknown:  # "reached by 0/3 seeds" would hide a misspelt name
+        raise NnlabError(f"--target: the runs log no metric {unknown[0]!r} (they log {', '.join(metrics)}); "
+                         f"the runs are kept in {a.out}: rerun with --reuse")
     doc = {"recipe": a.recipe, "overrides": a.set, "seeds": a.seeds, "cpu": cpu_name(), "torch": torch.__version__,
            "precision": summaries[0]["precision"],
            "note": "seconds = wall time since the run's first log record, evaluations included",
@@ -95,9 +114,8 @@ def main(argv=None) -> int:
            "final": {m: spread([s[m] for s in summaries]) for m in metrics if m in summaries[0]},
            "train_seconds": spread([s["train_seconds"] for s in summaries]),
            "targets": [time_to(runs, m, v) for m, v in a.target]}
-    path = Path(a.json) if a.json else Path(__file__).parent / "curves" / f"{a.recipe}.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1))
+    path = a.json or Path(__file__).parent / "curves" / f"{a.recipe}.json"
+    write_atomic(path, json.dumps(doc, indent=1))
     for m, v in doc["final"].items():
         print(f"{a.recipe}: final {m} mean {v['mean']:.4f} [{v['min']:.4f}-{v['max']:.4f}] over seeds {a.seeds}")
     for t in doc["targets"]:
@@ -110,4 +128,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

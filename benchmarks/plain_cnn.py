@@ -18,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from common import output_file, positive_int, write_atomic
 from nnlab.data import load_images
+from nnlab.errors import NnlabError
 
 
 class Net(nn.Module):
@@ -37,14 +39,17 @@ class Net(nn.Module):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser()
-    p.add_argument("--epochs", type=int, default=3)
+    p = argparse.ArgumentParser(prog="plain_cnn.py")
+    p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--json")
+    p.add_argument("--limit", type=positive_int, default=None, help="train on the first N images only")
+    p.add_argument("--json", type=output_file)
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
-    d = load_images("fashion-mnist", limit=a.limit)
+    try:
+        d = load_images("fashion-mnist", limit=a.limit)
+    except NnlabError as e:  # no dataset installed, say: one line, not a traceback
+        p.exit(2, f"plain_cnn.py: error: {e}\n")
     train = TensorDataset(d.normalize(d.x_train), d.y_train)
     test = TensorDataset(d.normalize(d.x_test), d.y_test)
     loader = DataLoader(train, batch_size=64, shuffle=True)
@@ -69,7 +74,7 @@ def main(argv=None) -> dict:
            "samples_per_s": seen / seconds}
     print(json.dumps(out))
     if a.json:
-        open(a.json, "w").write(json.dumps(out))
+        write_atomic(a.json, json.dumps(out))
     return out
 
 

@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 
 import nnlab
+from common import output_file, write_atomic
+from nnlab.config import load_config
+from nnlab.errors import NnlabError
 from nnlab.train.precision import cpu_name, native_bf16
 
 # recipe -> (metric, target, "ge" or "le"); mlp-regression is compared with scikit-learn instead.
@@ -45,12 +48,20 @@ def sklearn_linear_mse(run_dir: Path) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="recipes.py")
     p.add_argument("recipes", nargs="*", default=list(TARGETS))
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", default="runs/bench")
-    p.add_argument("--json")
+    p.add_argument("--json", type=output_file)
     a = p.parse_args(argv)
+    unknown = [r for r in a.recipes if r not in TARGETS]
+    if unknown:
+        p.error(f"no target for recipe {unknown[0]!r}; choose from {', '.join(TARGETS)}")
+    try:  # bad overrides fail now, not after the first recipe's training
+        for recipe in a.recipes:
+            load_config(recipe, overrides=a.set)
+    except NnlabError as e:
+        p.exit(2, f"recipes.py: error: {e}\n")
     cpu = cpu_name()
     bf16 = native_bf16(torch.device("cpu"))[0]
     print(f"# torch {torch.__version__}, {cpu}, native bf16: {bf16}, threads {torch.get_num_threads()}")
@@ -72,7 +83,7 @@ def main(argv=None) -> int:
         results.append(line)
         print(json.dumps(line), flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=2))
+        write_atomic(a.json, json.dumps(results, indent=2))
     return 0
 
 

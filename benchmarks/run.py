@@ -25,6 +25,7 @@ import warnings
 import torch
 
 import common
+from nnlab.errors import NnlabError
 
 BENCHMARKS = {"B1": "b1_cnn", "B2": "b2_speedrun", "B3": "b3_gpt", "B4": "b4_generate", "B5": "b5_infer"}
 
@@ -33,18 +34,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test: seconds per benchmark, not real figures")
     p.add_argument("--only", help="comma-separated benchmarks, e.g. B1,B4 (default: all)")
-    p.add_argument("--repeats", type=int, help="runs per measurement (default 3; --quick: 1)")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's; --quick: 1, because on a "
-                   "shared CPU a second thread waiting for a busy core slows small ops many times over)")
-    p.add_argument("--json", help="write all results, machine and command line to this file")
+    p.add_argument("--repeats", type=common.positive_int, help="runs per measurement (default 3; --quick: 1)")
+    p.add_argument("--threads", type=common.positive_int,
+                   help="torch threads (default: torch's; --quick: 1, because on a shared CPU a second thread "
+                   "waiting for a busy core slows small ops many times over)")
+    p.add_argument("--json", type=common.output_file,
+                   help="write all results, machine and command line to this file")
     a = p.parse_args(argv)
     only = [s.strip().upper() for s in a.only.split(",")] if a.only else list(BENCHMARKS)
     unknown = [s for s in only if s not in BENCHMARKS]
     if unknown:
         p.error(f"--only: unknown benchmark {unknown[0]}; choose from {', '.join(BENCHMARKS)}")
     repeats = a.repeats or (1 if a.quick else 3)
-    if repeats < 1:
-        p.error("--repeats: must be at least 1")
     threads = a.threads or (1 if a.quick else None)
     if threads:
         torch.set_num_threads(threads)
@@ -67,12 +68,17 @@ def main(argv=None) -> int:
                 print(f"   {note}")
             print(f"   ({key} took {res['wall_s']:.0f} s in all)", flush=True)
         except Exception as e:  # report it and go on: the other benchmarks still have something to say
-            traceback.print_exc()
+            if not isinstance(e, NnlabError):  # a user's error (no dataset, say) needs its line, not a traceback
+                traceback.print_exc()
             res = {"error": f"{type(e).__name__}: {e}"}
             print(f"== {key} FAILED: {res['error']}", flush=True)
         results[key] = res
         if a.json:  # after every benchmark, so a run cut short still leaves what it finished
-            common.write_json(a.json, machine, a.quick, repeats, results)
+            try:
+                common.write_json(a.json, machine, a.quick, repeats, results)
+            except OSError as e:  # a full disk, say: stop, rather than run on with nowhere to keep the results
+                print(f"run.py: error: cannot write {a.json}: {e.strerror or e}", file=sys.stderr)
+                return 2
     failed = [k for k, r in results.items() if "error" in r]
     if failed:
         print(f"\nfailed: {', '.join(failed)}")

@@ -79,6 +79,65 @@ def test_curves_spread_over_seeds_time_to_target_and_reuse(tmp_path):
     assert json.loads(js.read_text())["eval"] == doc["eval"]
     assert [(out / f"mlp-regression-seed{s}" / "summary.json").stat().st_mtime_ns for s in (0, 1)] == stamp
 
+    # A misspelt --target metric is refused (not reported as "reached by 0/2"), the curve file is left as it was.
+    before = js.read_bytes()
+    r = subprocess.run(cmd + ["--reuse", "--target", "test_acc=0.5"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=HANG_GUARD)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "'test_acc'" in r.stderr and "test_mse" in r.stderr and "--reuse" in r.stderr
+    assert js.read_bytes() == before
+
+
+BAD_ARGS = [  # script, arguments, what the one-line error must name
+    ("run.py", ["--repeats", "0"], "--repeats"),
+    ("run.py", ["--threads", "-1"], "--threads"),
+    ("run.py", ["--only", "B9"], "B9"),
+    ("run.py", ["--json", "{tmp}"], "is a folder"),
+    ("run.py", ["--json", "{tmp}/file/out.json"], "is a file, not a folder"),
+    ("curves.py", ["no-such-recipe"], "no-such-recipe"),
+    ("curves.py", ["mlp-regression", "--set", "train.lr=-1"], "train.lr"),
+    ("curves.py", ["mlp-regression", "--seeds", "0", "0"], "--seeds"),
+    ("recipes.py", ["fmnist-speedrun"], "fmnist-speedrun"),
+    ("plain_cnn.py", ["--epochs", "0"], "--epochs"),
+    ("avx2_emulation.py", ["--bench", "B3", "--accuracy-epochs", "2"], "--accuracy-epochs"),
+]
+
+
+@pytest.mark.parametrize("script,args,names", BAD_ARGS, ids=[f"{s} {' '.join(a)}" for s, a, _ in BAD_ARGS])
+def test_bad_arguments_fail_at_once_with_one_line(tmp_path, script, args, names):
+    """A bad count, path, recipe or override stops a benchmark script before any work (nothing on
+    stdout: no header, no training), with exit code 2 and one line naming the culprit, not a
+    traceback after minutes of running."""
+    (tmp_path / "file").write_text("a file where a folder is expected")
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=HANG_GUARD)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout == "" and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error:") and names in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no results file, no run folder
+
+
+def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """write_atomic goes through a temporary file and a rename: when the write fails (here the
+    rename), the results already saved are still there, whole, and no temporary file is left."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import common
+
+    path = tmp_path / "results.json"
+    common.write_atomic(path, '{"old": 1}')
+    common.write_atomic(path, '{"new": 2}')
+    assert path.read_text() == '{"new": 2}'
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common.os, "replace", fail)
+    with pytest.raises(OSError):
+        common.write_atomic(path, '{"newer": 3}')
+    assert path.read_text() == '{"new": 2}' and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible: gpu.sh would run the whole suite")
 def test_gpu_script_without_a_gpu_says_so_and_exits_0(tmp_path):
