@@ -426,16 +426,22 @@ def case_resume_without_checkpoint(tmp_path, fmnist_copy, csv_file):
     return ["train", "--resume", d], [str(d), "checkpoint"]
 
 
+def case_out_under_a_file(tmp_path, fmnist_copy, csv_file):
+    f = tmp_path / "notes.txt"
+    f.write_text("not a folder")
+    return ["train", "mlp-regression", "--out", f / "run"], [str(f / "run"), str(f), "not a folder"]
+
+
 BAD = {f.__name__[5:]: f for f in (case_unknown_key, case_wrong_type, case_unknown_recipe, case_missing_data_dir,
                                     case_wrong_magic, case_truncated_idx, case_count_mismatch, case_empty_text,
                                     case_non_numeric_csv, case_missing_csv_target, case_eval_not_a_run,
-                                    case_resume_without_checkpoint)}
+                                    case_resume_without_checkpoint, case_out_under_a_file)}
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, fmnist_copy, csv_file, cli_main):
     args, needles = BAD[case](tmp_path, fmnist_copy, csv_file)
-    if args[0] == "train" and "--resume" not in args:
+    if args[0] == "train" and "--resume" not in args and "--out" not in args:
         args = [*args, "--out", tmp_path / "out"]
     rc, _, err = cli_main(*args)
     one_line_error(rc, err, *needles)

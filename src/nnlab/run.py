@@ -49,6 +49,10 @@ def new_run_dir(out: str | None, recipe: str) -> Path:
         path = Path(out)
         if (path / "config.yaml").exists():
             raise NnlabError(f"--out {path}: already holds a run; use `nnlab train --resume {path}` or another --out")
+        # Checked now, not when the folder is made after data and model have loaded.
+        blocker = next((d for d in (path, *path.parents) if d.exists() and not d.is_dir()), None)
+        if blocker is not None:
+            raise NnlabError(f"--out {path}: {blocker} is a file, not a folder")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path("runs") / f"{recipe or 'run'}-{stamp}"
@@ -67,7 +71,10 @@ def read_config(run_dir: str | Path) -> Config:
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # no permission, a full disk
+        raise NnlabError(f"{run_dir}: cannot make the run folder ({e.strerror or e})") from None
     atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
 
