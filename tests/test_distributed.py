@@ -23,7 +23,9 @@ def run(tmp_path, text_file, name, nproc, *extra):
     sets = [a for arg in [*ARGS, f"data.path={text_file}", *extra] for a in ("--set", arg)]
     launch = [sys.executable, "-m", "nnlab"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "nnlab"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a rank killed by a signal prints every thread's Python stack, which says
+    # where an abort like the one below happened.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [*launch, "train", "gpt-shakespeare", *sets, "--out", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     if p.returncode != 0 and GLOO_ABORT in p.stderr:
@@ -31,7 +33,8 @@ def run(tmp_path, text_file, name, nproc, *extra):
         # command alone or beside two busy processes: a rank killed by std::terminate inside torch's C++
         # (no Python error). Rerun once, loudly, so a rare abort does not fail the suite, while a
         # repeatable one still does; the warning keeps each occurrence visible in the test summary.
-        warnings.warn(f"{name}: a rank aborted ({GLOO_ABORT!r}); rerunning once. stdout tail: {p.stdout[-500:]!r}")
+        warnings.warn(f"{name}: a rank aborted ({GLOO_ABORT!r}); rerunning once. stdout tail: {p.stdout[-500:]!r}; "
+                      f"stderr tail: {p.stderr[-2500:]!r}")
         shutil.rmtree(out, ignore_errors=True)
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert p.returncode == 0, f"stdout:\n{p.stdout[-1500:]}\nstderr:\n{p.stderr[-3000:]}"
