@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from nnlab.train.checkpoint import atomic_write_text
 from nnlab.train.precision import cpu_flags, cpu_name, native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,19 +147,7 @@ def write_json(path: str | Path, m: dict, quick: bool, repeats: int, results: di
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "quick": quick, "repeats": repeats,
            "torch": torch.__version__, "machine": m, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "benchmarks": results}
-    write_atomic(path, json.dumps(doc, indent=2))
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write text to path through a temporary file beside it and a rename, so a run stopped mid-write
-    (Ctrl-C, a full disk) leaves the previous file whole instead of a truncated one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(doc, indent=2))
 
 
 def positive_int(text: str) -> int:

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 import nnlab
-from common import output_file, write_atomic
+from common import output_file
 from nnlab.config import load_config
 from nnlab.errors import NnlabError
+from nnlab.train.checkpoint import atomic_write_text
 from nnlab.train.precision import cpu_name
 
 
@@ -115,7 +116,7 @@ def write_curves(a: argparse.Namespace) -> int:
            "train_seconds": spread([s["train_seconds"] for s in summaries]),
            "targets": [time_to(runs, m, v) for m, v in a.target]}
     path = a.json or Path(__file__).parent / "curves" / f"{a.recipe}.json"
-    write_atomic(path, json.dumps(doc, indent=1))
+    atomic_write_text(path, json.dumps(doc, indent=1))
     for m, v in doc["final"].items():
         print(f"{a.recipe}: final {m} mean {v['mean']:.4f} [{v['min']:.4f}-{v['max']:.4f}] over seeds {a.seeds}")
     for t in doc["targets"]:

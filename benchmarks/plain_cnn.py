@@ -18,9 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import output_file, positive_int, write_atomic
+from common import output_file, positive_int
 from nnlab.data import load_images
 from nnlab.errors import NnlabError
+from nnlab.train.checkpoint import atomic_write_text
 
 
 class Net(nn.Module):
@@ -74,7 +75,7 @@ def main(argv=None) -> dict:
            "samples_per_s": seen / seconds}
     print(json.dumps(out))
     if a.json:
-        write_atomic(a.json, json.dumps(out))
+        atomic_write_text(a.json, json.dumps(out))
     return out
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 import nnlab
-from common import output_file, write_atomic
+from common import output_file
 from nnlab.config import load_config
 from nnlab.errors import NnlabError
+from nnlab.train.checkpoint import atomic_write_text
 from nnlab.train.precision import cpu_name, native_bf16
 
 # recipe -> (metric, target, "ge" or "le"); mlp-regression is compared with scikit-learn instead.
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         results.append(line)
         print(json.dumps(line), flush=True)
     if a.json:
-        write_atomic(a.json, json.dumps(results, indent=2))
+        atomic_write_text(a.json, json.dumps(results, indent=2))
     return 0
 
 

@@ -119,26 +119,6 @@ def test_bad_arguments_fail_at_once_with_one_line(tmp_path, script, args, names)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no results file, no run folder
 
 
-def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
-    """write_atomic goes through a temporary file and a rename: when the write fails (here the
-    rename), the results already saved are still there, whole, and no temporary file is left."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import common
-
-    path = tmp_path / "results.json"
-    common.write_atomic(path, '{"old": 1}')
-    common.write_atomic(path, '{"new": 2}')
-    assert path.read_text() == '{"new": 2}'
-
-    def fail(*_):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(common.os, "replace", fail)
-    with pytest.raises(OSError):
-        common.write_atomic(path, '{"newer": 3}')
-    assert path.read_text() == '{"new": 2}' and [p.name for p in tmp_path.iterdir()] == ["results.json"]
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible: gpu.sh would run the whole suite")
 def test_gpu_script_without_a_gpu_says_so_and_exits_0(tmp_path):
     """benchmarks/gpu.sh on a machine torch sees no CUDA GPU on: one line that says why, exit 0,

@@ -385,3 +385,23 @@ def test_optimizer_state_round_trip_gives_the_same_next_step(tmp_path, name, how
     assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters())), \
         "the control should differ, else this test could not see a lost optimizer state"
     assert json.dumps(got_meta)  # all of it is plain JSON
+
+
+def test_atomic_write_replaces_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """atomic_write_text (run folders and the benchmarks' results files) goes through a temporary
+    file and a rename: when the write fails (here the rename), what was saved is still there, whole,
+    and no temporary file is left."""
+    from nnlab.train import checkpoint
+
+    path = tmp_path / "results.json"
+    checkpoint.atomic_write_text(path, '{"old": 1}')
+    checkpoint.atomic_write_text(path, '{"new": 2}')
+    assert path.read_text() == '{"new": 2}'
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "replace", fail)
+    with pytest.raises(OSError):
+        checkpoint.atomic_write_text(path, '{"newer": 3}')
+    assert path.read_text() == '{"new": 2}' and [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -2,7 +2,7 @@
    nnlab.train.optim.clip_grad_norm is the caller, torch.nn.utils.clip_grad_norm_ its reference.
 
    Why by hand: on CPU torch has no fused kernel for it (its foreach path is for GPUs), so
-   clip_grad_norm_ runs a norm and then a multiply per parameter tensor. The baby GPT has 53: about
+   clip_grad_norm_ runs a norm and then a multiply per parameter tensor. The baby GPT has 52: about
    0.7 ms of norms and 0.3 ms of multiplies per step in a profile of its compiled bf16 training step
    (~22 ms), for 0.8 M numbers, mostly per-call overhead. Here each pass is one call over all the
    tensors, split evenly between the threads by element count, not by tensor (sizes range from 128

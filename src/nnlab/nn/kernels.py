@@ -18,10 +18,10 @@ tests/test_kernels.py compares each with ATen (Winograd also with a float64 conv
 use ATen whenever `supports*` says no. The same library holds attention.c, the self-attention
 kernel that nn/attention.py wraps, and clip.c, the gradient-norm clipping of nnlab.train.optim.
 
-kernels.c (with winograd.c, attention.c and clip.c) is compiled on first use into the user's cache folder
-and loaded with ctypes: plain C needs no torch headers, so it builds in about a second. The build
-is keyed by the sources, the flags and the CPU (it uses -march=native), so a cache folder shared
-between machines never loads a binary built for another processor. Without a C compiler, or with
+kernels.c (with winograd.c, attention.c and clip.c) is compiled on first use into the user's
+cache folder and loaded with ctypes: plain C needs no torch headers, so it builds in about a
+second. The build is keyed by the sources, the flags and the CPU (it uses -march=native), so a
+cache folder shared between machines never loads a binary built for another processor. Without a C compiler, or with
 NNLAB_NO_KERNELS=1 set, every `supports*` is False (and clipping is torch's) and nothing changes but
 speed.
 """

@@ -34,7 +34,7 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
     min(1, max_norm / (total L2 norm + 1e-6)) and return that total norm (before clipping).
 
     On CPU torch runs one norm and one multiply per tensor (its fused foreach kernels are for GPUs):
-    for the baby GPT's 53 gradients ~1 ms of a ~22 ms compiled bf16 step, mostly call overhead.
+    for the baby GPT's 52 gradients ~1 ms of a ~22 ms compiled bf16 step, mostly call overhead.
     Where every gradient is a plain contiguous fp32 CPU tensor, nn/clip.c does each pass in one call
     over all of them. Anything else (no kernels, DTensor shards under FSDP, other dtypes, GPU) goes
     to torch's, which tests/test_optim.py checks this against."""
