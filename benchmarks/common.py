@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from nnlab.run import file_in_the_way
 from nnlab.train.checkpoint import atomic_write_text
 from nnlab.train.precision import cpu_flags, cpu_name, native_bf16
 
@@ -167,7 +168,7 @@ def output_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
-    blocker = next((d for d in path.parents if d.exists() and not d.is_dir()), None)
+    blocker = file_in_the_way(path.parent)
     if blocker is not None:
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(blocker)!r} is a file, not a folder")
     try:

@@ -43,6 +43,11 @@ def provenance() -> dict:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file, if any, at path or above it that stops path from being made as a folder."""
+    return next((d for d in (path, *path.parents) if d.exists() and not d.is_dir()), None)
+
+
 def new_run_dir(out: str | None, recipe: str) -> Path:
     """A fresh run folder; refuses to write into a folder that already holds a run."""
     if out:
@@ -50,7 +55,7 @@ def new_run_dir(out: str | None, recipe: str) -> Path:
         if (path / "config.yaml").exists():
             raise NnlabError(f"--out {path}: already holds a run; use `nnlab train --resume {path}` or another --out")
         # Checked now, not when the folder is made after data and model have loaded.
-        blocker = next((d for d in (path, *path.parents) if d.exists() and not d.is_dir()), None)
+        blocker = file_in_the_way(path)
         if blocker is not None:
             raise NnlabError(f"--out {path}: {blocker} is a file, not a folder")
     else:
