@@ -52,10 +52,12 @@ def test_ops_self_attention_matches_hand_computation(causal):
 def test_explicit_path_matches_sdpa_path(causal):
     sa = _attn(causal)
     x = torch.randn(B, T, C, requires_grad=True)
-    y_fast, A_fast, kv_fast = sa(x)
+    assert sa(x)[2] is None  # K, V only when asked for (use_cache) or extended (past_kv)
+    y_fast, A_fast, kv_fast = sa(x, use_cache=True)
     g_fast = torch.autograd.grad(y_fast.square().sum(), x)[0]
     set_explicit(sa, True)
-    y_ex, A_ex, kv_ex = sa(x)
+    assert sa(x)[2] is None
+    y_ex, A_ex, kv_ex = sa(x, use_cache=True)
     g_ex = torch.autograd.grad(y_ex.square().sum(), x)[0]
     assert A_fast is None and A_ex.shape == (B, H, T, T)  # the fast path never materialises A
     torch.testing.assert_close(y_ex, y_fast, **F32)
@@ -118,10 +120,10 @@ def test_past_kv_incremental_equals_full(explicit, chunks):
     sa = set_explicit(_attn(causal=True, seed=4), explicit)
     x = torch.randn(B, T, C)
     with torch.no_grad():
-        y_full, _, (K_full, V_full) = sa(x)
+        y_full, _, (K_full, V_full) = sa(x, use_cache=True)
         outs, past, start = [], None, 0
         for n in chunks:
-            y, _, past = sa(x[:, start:start + n], past_kv=past)
+            y, _, past = sa(x[:, start:start + n], past_kv=past, use_cache=True)
             outs.append(y)
             start += n
     assert past[0].shape == (B, H, T, C // H)
@@ -134,7 +136,7 @@ def test_past_kv_attention_weights_cover_past_and_new_keys():
     x = torch.randn(B, T, C)
     with torch.no_grad():
         A_full = sa(x, need_weights=True)[1]
-        _, _, past = sa(x[:, :5])
+        _, _, past = sa(x[:, :5], use_cache=True)
         A_new = sa(x[:, 5:], past_kv=past, need_weights=True)[1]
     assert A_new.shape == (B, H, 2, T)
     torch.testing.assert_close(A_new, A_full[:, :, 5:], **F32)  # the last rows of the full map
@@ -154,7 +156,7 @@ def test_bf16_cpu_attention_is_sdpas_math_kernel_exactly(new_tokens, monkeypatch
     sa = _attn(causal=True).to(torch.bfloat16)
     torch.manual_seed(1)
     x_all = torch.randn(B, T, C, dtype=torch.bfloat16)
-    past = sa(x_all[:, : T - new_tokens])[2] if new_tokens < T else None
+    past = sa(x_all[:, : T - new_tokens], use_cache=True)[2] if new_tokens < T else None
     x = x_all[:, T - new_tokens :]
 
     def run():

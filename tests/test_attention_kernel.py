@@ -101,7 +101,7 @@ def test_self_attention_uses_the_kernel_only_where_it_applies(monkeypatch):
     calls = []
     real = attention.fused_attention
     monkeypatch.setattr(attention, "fused_attention", lambda *a: calls.append(a) or real(*a))
-    y_kernel, A, (k, v) = sa(x)
+    y_kernel, A, (k, v) = sa(x, use_cache=True)
     assert len(calls) == 1 and A is None and k.shape == v.shape == (2, 4, 10, 8)
     sa(x, need_weights=True)  # attention weights wanted: the explicit path
     sa(x[:, 5:], past_kv=(k[:, :, :5], v[:, :, :5]))  # a cache: SDPA with a mask

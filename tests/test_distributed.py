@@ -64,6 +64,8 @@ def test_two_processes_match_one(tmp_path, text_file, single, strategy, accum):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
     assert p.stdout.count("done:") == 1  # only rank 0 prints
+    # The blocks return no views (no KV cache in training), so FSDP2 has nothing to warn about.
+    assert "returned a view tensor" not in p.stderr
     # The saved model reloads into a single process and answers like the single-process model.
     m2, _ = nnlab.load(out)
     m1, _ = nnlab.load(single)

@@ -72,7 +72,7 @@ class GPT(nn.Module):
         self.tok_emb.weight = self.lm_head.weight
         init_transformer_(self, cfg.n_layer)
 
-    def _trunk(self, idx: Tensor, past: Past | None = None, need_weights: bool = False):
+    def _trunk(self, idx: Tensor, past: Past | None = None, need_weights: bool = False, use_cache: bool = False):
         """Embeddings and blocks: returns (h after ln_f (B, T, C), [A per layer], new past)."""
         B, T = idx.shape
         t0 = 0 if not past else past[0][0].shape[2]  # positions already in the cache
@@ -90,9 +90,9 @@ class GPT(nn.Module):
                 # Keep only each block's input; its activations are recomputed during backward.
                 x = checkpoint(lambda h, b=block: b(h)[0], x, use_reentrant=False)
                 continue
-            x, A, kv = block(x, past_kv=past[i] if past else None, need_weights=need_weights)
+            x, A, kv = block(x, past_kv=past[i] if past else None, need_weights=need_weights, use_cache=use_cache)
             maps.append(A)  # (B, n_head, T, t0 + T) or None
-            new_past.append(kv)  # K, V each (B, n_head, t0 + T, d_k)
+            new_past.append(kv)  # K, V each (B, n_head, t0 + T, d_k); None unless use_cache
         return self.ln_f(x), maps, new_past
 
     def forward_features(self, idx: Tensor) -> Tensor:
@@ -116,7 +116,7 @@ class GPT(nn.Module):
         Only the new tokens' queries are computed: the keys and values of the past never change
         (causal attention), so generating token t costs O(t) instead of recomputing O(t^2).
         """
-        h, _, new_past = self._trunk(idx, past=past)
+        h, _, new_past = self._trunk(idx, past=past, use_cache=True)
         return self.forward_head(h), new_past
 
     def decode_cache_from(self, past: Past, max_len: int) -> "KVCache":

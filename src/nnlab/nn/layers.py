@@ -74,9 +74,12 @@ class SelfAttention(nn.Module):
     kernel (nn/attention.py) on the fused projection's output; elsewhere, and with a KV cache or
     attention dropout, F.scaled_dot_product_attention (a flash kernel on CPU and GPU).
 
-    forward(x, past_kv=None, need_weights=False) -> (y, A or None, (K, V))
+    forward(x, past_kv=None, need_weights=False, use_cache=False) -> (y, A or None, (K, V) or None)
       past_kv: cached (K, V) of earlier positions, each (B, n_head, T_past, d_k), for generation.
       need_weights: also return A (B, n_head, T, T_past + T); forces the explicit path.
+      use_cache: return (K, V) of all positions (also returned whenever past_kv is given). Not by
+        default: they are views of the projection's output, and FSDP2 warns about every view a
+        sharded block returns (an in-place op on one would skip its pre-backward hook).
     """
 
     def __init__(self, n_embd: int, n_head: int, causal: bool, bias: bool = True,
@@ -89,7 +92,8 @@ class SelfAttention(nn.Module):
         self.proj = Dense(n_embd, n_embd, bias=bias, explicit=explicit)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, past_kv: tuple[Tensor, Tensor] | None = None, need_weights: bool = False):
+    def forward(self, x: Tensor, past_kv: tuple[Tensor, Tensor] | None = None, need_weights: bool = False,
+                use_cache: bool = False):
         B, T, C = x.shape
         qkv = self.qkv(x)  # (B, T, 3C)
         # Q, K, V, each (B, T, C) -> (B, n_head, T, d_k): every head attends independently (views).
@@ -98,7 +102,7 @@ class SelfAttention(nn.Module):
         if not (self.explicit or need_weights or past_kv is not None) and attention.supports(qkv, self.n_head, dropout):
             # nnlab's CPU kernel (nn/attention.c): every head in one call, straight from qkv.
             y = attention.fused_attention(qkv, self.n_head, self.causal)  # (B, T, C)
-            return self.resid_drop(self.proj(y)), None, (k, v)
+            return self.resid_drop(self.proj(y)), None, (k, v) if use_cache else None
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
@@ -114,7 +118,7 @@ class SelfAttention(nn.Module):
             is_causal = self.causal and q.shape[2] == k.shape[2]
             o = self._sdpa(q, k, v, is_causal, dropout)
         y = o.transpose(1, 2).reshape(B, T, C)  # re-assemble heads side by side: (B, T, C)
-        return self.resid_drop(self.proj(y)), A, (k, v)
+        return self.resid_drop(self.proj(y)), A, (k, v) if use_cache or past_kv is not None else None
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout: float) -> Tensor:
         mask = None

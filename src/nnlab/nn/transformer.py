@@ -34,8 +34,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-LN Transformer block. `causal=True` for a language model, False for a ViT.
 
-    forward(x, past_kv=None, need_weights=False) -> (x, A or None, (K, V)), passing the attention's
-    cache and weights through unchanged (see nnlab.nn.SelfAttention).
+    forward(x, past_kv=None, need_weights=False, use_cache=False) -> (x, A or None, (K, V) or None),
+    passing the attention's cache and weights through unchanged (see nnlab.nn.SelfAttention).
     """
 
     def __init__(self, n_embd: int, n_head: int, causal: bool, mlp_ratio: int = 4, bias: bool = True,
@@ -46,8 +46,9 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, mlp_ratio * n_embd, bias=bias, dropout=dropout, explicit=explicit)
 
-    def forward(self, x: Tensor, past_kv: tuple[Tensor, Tensor] | None = None, need_weights: bool = False):
-        a, A, kv = self.attn(self.ln1(x), past_kv=past_kv, need_weights=need_weights)
+    def forward(self, x: Tensor, past_kv: tuple[Tensor, Tensor] | None = None, need_weights: bool = False,
+                use_cache: bool = False):
+        a, A, kv = self.attn(self.ln1(x), past_kv=past_kv, need_weights=need_weights, use_cache=use_cache)
         x = x + a  # (B, T, C)
         x = x + self.mlp(self.ln2(x))  # (B, T, C)
         return x, A, kv
