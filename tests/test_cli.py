@@ -135,6 +135,10 @@ def test_seed_cnn_run_folder_is_complete(cnn_run, fmnist_dir):
     assert summary["steps"] == CNN_STEPS
     assert summary["params"] == SEED_CNN_PARAMS
     assert summary["train_seconds"] > 0
+    # The steady rate leaves out the first step, and the two add up to the training time.
+    assert summary["samples_per_s"] > 0 and summary["first_step_seconds"] > 0
+    steady = (CNN_STEPS - 1) * 32 / summary["samples_per_s"]
+    assert steady + summary["first_step_seconds"] == pytest.approx(summary["train_seconds"], abs=0.011)
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     assert summary["precision"] == "fp32"
 

@@ -123,6 +123,9 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     # The log's throughput window is measured in train_seconds, which count training steps only:
     # evaluations and checkpoints between two log lines never dilute (or, reset, inflate) the rate.
     window_start, window_steps = train_seconds, 0
+    # This process's first step apart from the rest: it pays for warm-up (and, with compile, for
+    # compiling), so the summary's rate is the steady state's, as the benchmarks report it.
+    first_step_seconds, steady_seconds, steady_steps = None, 0.0, 0
     while step < total:
         t_step = time.perf_counter()
         lr = lr_at(step, total, t)
@@ -158,8 +161,13 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        train_seconds += time.perf_counter() - t_step
+        dt = time.perf_counter() - t_step
+        train_seconds += dt
         window_steps += 1
+        if first_step_seconds is None:
+            first_step_seconds = dt
+        else:
+            steady_seconds, steady_steps = steady_seconds + dt, steady_steps + 1
 
         if step % t.log_every == 0 or step == total:
             elapsed = train_seconds - window_start
@@ -193,12 +201,16 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
             model.eval()
             metrics = task.evaluate(model, env.device)
         runfolder.save_model(run_dir, weights, cfg.model, task.kind, task.meta())
+        speed = {f"{unit}_per_s": round(steady_steps * per_step / steady_seconds, 1) if steady_steps else None,
+                 "first_step_seconds": round(first_step_seconds, 3) if first_step_seconds is not None else None}
         summary = {"recipe": cfg.recipe, "model": cfg.model["name"], "steps": step, "train_seconds": round(train_seconds, 2),
-                   "params": n_params, **metrics, "precision": precision, "precision_reason": precision_why,
+                   **speed, "params": n_params, **metrics, "precision": precision, "precision_reason": precision_why,
                    "allocator": allocator,
                    "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed, **runfolder.provenance()}
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        log.say("done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; run folder {run_dir}")
+        rate = (f"; {speed[f'{unit}_per_s']:,.0f} {unit}/s after a first step of {first_step_seconds:.2f} s"
+                if steady_steps else "")
+        log.say("done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"{rate}; run folder {run_dir}")
     return run_dir
 
 
