@@ -45,9 +45,7 @@ def test_tuned_allocator_stops_refaulting_freed_memory():
     all, where glibc's default faults the whole block in on every cycle. (Fresh processes: the
     setting is process-wide.)
 
-    The heap takes a few cycles to settle: a small allocation made during a cycle can land just
-    past the big block and pin it, and the next block, asked for with posix_memalign's slack, does
-    not fit the hole it leaves, so the heap grows by 64 MB until freed holes coalesce. With the
+    The heap takes a few cycles to settle (nnlab/train/allocator.py gives our reading of why). With the
     package's modules imported, the heap grew in 2 to 8 of the first 9 cycles and never after (cycles
     10-30 faulted nothing, 3 processes), so the first 15 cycles are warm-up here."""
     import subprocess
