@@ -12,6 +12,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -117,6 +118,30 @@ def test_recipes_lists_every_shipped_recipe(run_cli):
     assert names == RECIPES == shipped
     for line in r.stdout.splitlines():  # each with its description
         assert len(line.split(None, 1)) == 2, line
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_torchrun_worker_exits_without_finalization_and_keeps_its_output(tmp_path, world_size):
+    """cli.run skips Python's teardown in a torchrun worker (WORLD_SIZE > 1; cli.run says why): an
+    atexit hook never runs there, while the piped, block-buffered output still arrives whole."""
+    code = ("import atexit, sys; atexit.register(lambda: print('finalized')); "
+            "sys.argv = ['nnlab', 'recipes']; from nnlab.cli import run; run()")
+    env = {**cli_env(), "WORLD_SIZE": world_size}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=CLI_TIMEOUT, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
+    assert set(names) - {"finalized"} == RECIPES
+    assert ("finalized" in names) == (world_size == "1")
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    """`nnlab recipes | head -1`: the pipe closes before nnlab writes; it exits 1 without a traceback."""
+    p = subprocess.Popen(cli_cmd("recipes"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                         cwd=tmp_path)
+    p.stdout.close()  # before the child has imported anything, so its writes meet a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=CLI_TIMEOUT) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 # ------------------------------------------------------------------------------------------------
