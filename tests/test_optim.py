@@ -59,7 +59,7 @@ def test_clip_matches_torch(threads, scale, max_norm, monkeypatch):
 
 
 @needs_kernels
-def test_the_norm_is_the_exact_one():
+def test_the_norm_is_at_least_as_close_to_exact_as_torchs():
     """Against float64: the fast path's sum (fp32 blocks added in double) is at least as close as
     torch's per-tensor fp32 norms."""
     ps = params(1.0)

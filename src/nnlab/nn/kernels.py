@@ -21,9 +21,9 @@ kernel that nn/attention.py wraps, and clip.c, the gradient-norm clipping of nnl
 kernels.c (with winograd.c, attention.c and clip.c) is compiled on first use into the user's
 cache folder and loaded with ctypes: plain C needs no torch headers, so it builds in about a
 second. The build is keyed by the sources, the flags and the CPU (it uses -march=native), so a
-cache folder shared between machines never loads a binary built for another processor. Without a C compiler, or with
-NNLAB_NO_KERNELS=1 set, every `supports*` is False (and clipping is torch's) and nothing changes but
-speed.
+cache folder shared between machines never loads a binary built for another processor. Without a
+C compiler, or with NNLAB_NO_KERNELS=1 set, every `supports*` is False (and clipping is torch's)
+and nothing changes but speed.
 """
 
 from __future__ import annotations
