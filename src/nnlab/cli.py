@@ -38,8 +38,10 @@ def cmd_generate(a) -> None:
 def cmd_recipes(a) -> None:
     from nnlab.config import recipe_dict, recipe_names
 
-    for name in recipe_names():
-        print(f"{name:16s} {recipe_dict(name).get('description', '')}")
+    names = recipe_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:{width}s}  {recipe_dict(name).get('description', '')}")
 
 
 VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "recipes": cmd_recipes}
