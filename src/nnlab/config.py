@@ -118,8 +118,10 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config: {path}: cannot read ({e.__class__.__name__})") from None
     try:
         d = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config: {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except yaml.YAMLError as e:  # problem and problem_mark say what is wrong and where
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config: {path}: not valid YAML{where}: {problem.splitlines()[0]}") from None
     if d is None:
         return {}
     if not isinstance(d, dict):
@@ -276,7 +278,7 @@ def build_config(d: dict) -> Config:
     valid = _valid_keys(model_name if isinstance(model_name, str) else None)
     for k in d:
         if k not in ("recipe", "description", "model", "data", "train"):
-            raise _unknown(k, valid)
+            raise _unknown(str(k), valid)  # YAML keys can be numbers
     if not isinstance(model_name, str):
         raise ConfigError("model.name: missing; every recipe names its model")
     from nnlab.models import get_spec

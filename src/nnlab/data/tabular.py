@@ -62,6 +62,9 @@ def _read_csv(path: str, target: str | None) -> tuple[np.ndarray, np.ndarray, li
     if header is None or not any(h.strip() for h in header):
         raise DataError(f"data: {path}: empty file (expected a header row and numeric rows)")
     header = [h.strip() for h in header]
+    blank = next((c for c, h in enumerate(header) if not h), None)
+    if blank is not None:  # e.g. a pandas index column, which would otherwise train as a feature
+        raise DataError(f"data: {path}: column {blank + 1} has no name in the header")
     dup = next((h for h in header if header.count(h) > 1), None)
     if dup is not None:
         raise DataError(f"data: {path}: column {dup!r} appears twice in the header")
