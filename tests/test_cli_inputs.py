@@ -127,7 +127,7 @@ def test_generate_top_k_1_is_greedy(gpt_run, cli_main):
 @pytest.mark.parametrize("top_k", ["0", "-3"])
 def test_generate_rejects_a_top_k_below_1(gpt_run, cli_main, top_k):
     rc, out, err = cli_main("generate", gpt_run, "--prompt", "First", "--top-k", top_k)
-    one_line_error(rc, err, "top_k", f"got {top_k}")
+    one_line_error(rc, err, "--top-k", f"got {top_k}")
     assert out == ""
 
 

@@ -108,6 +108,10 @@ def generate_text(run_dir, prompt: str, max_new_tokens: int = 200, temperature: 
         raise NnlabError(f"--max-new-tokens: must be between 0 and 100000, got {max_new_tokens}")
     if not prompt:
         raise NnlabError("--prompt: must not be empty")
+    if top_k is not None and top_k < 1:
+        raise NnlabError(f"--top-k: must be at least 1, got {top_k}")
+    if not temperature >= 0:  # also rejects NaN
+        raise NnlabError(f"--temperature: must be >= 0 (0 = greedy), got {temperature}")
     tok = tokenizer_from_json(info["tokenizer"])
     idx = torch.tensor([tok.encode(prompt)], dtype=torch.long)
     try:
