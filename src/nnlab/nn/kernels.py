@@ -16,14 +16,14 @@ oneDNN computes densely (kernels.c says why ATen is slow there):
   `supports_conv_pool(x, conv)`.
 tests/test_kernels.py compares each with ATen (Winograd also with a float64 convolution). Callers
 use ATen whenever `supports*` says no. The same library holds attention.c, the self-attention
-kernel that nn/attention.py wraps, and clip.c, the gradient-norm clipping of nnlab.train.optim.
+kernel that nn/attention.py wraps.
 
-kernels.c (with winograd.c, attention.c and clip.c) is compiled on first use into the user's
+kernels.c (with winograd.c and attention.c) is compiled on first use into the user's
 cache folder and loaded with ctypes: plain C needs no torch headers, so it builds in about a
 second. The build is keyed by the sources, the flags and the CPU (it uses -march=native), so a
 cache folder shared between machines never loads a binary built for another processor. Without a
-C compiler, or with NNLAB_NO_KERNELS=1 set, every `supports*` is False (and clipping is torch's)
-and nothing changes but speed.
+C compiler, or with NNLAB_NO_KERNELS=1 set, every `supports*` is False and nothing
+changes but speed.
 """
 
 from __future__ import annotations
@@ -40,9 +40,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-# One library: attention.py calls attention.c's functions, nnlab.train.optim clip.c's; the C files
-# share bf16.h and simd.h.
-SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "winograd.c", "attention.c", "clip.c")]
+# One library: attention.py calls attention.c's functions; the C files share bf16.h and simd.h.
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "winograd.c", "attention.c")]
 HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "simd.h")]
 # -ffp-contract=fast: multiply-adds as FMAs (-std=c11 alone turns that off; 1.5x on the conv kernel).
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -121,9 +120,6 @@ def _build() -> ctypes.CDLL | None:
     dll.attention_fwd.argtypes = [P, P, P, L, L, L, L, F, I, I, I]
     dll.attention_bwd.argtypes = [P, P, P, P, P, L, L, L, L, F, I, I, I]
     dll.attention_fwd.restype = dll.attention_bwd.restype = I
-    dll.sumsq_many.argtypes = [P, P, L, I]
-    dll.sumsq_many.restype = ctypes.c_double
-    dll.scale_many.argtypes = [P, P, L, F, I]
     _state["conv"] = bool(dll.conv_kernels_native())
     _state["why"] = f"built {lib}" + ("" if _state["conv"] else "; conv kernels off: no AVX2, ATen's are faster")
     return dll

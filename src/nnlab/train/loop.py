@@ -28,7 +28,7 @@ from nnlab.train import distributed
 from nnlab.train.allocator import tune_allocator
 from nnlab.train.checkpoint import atomic_write_text, load_tensors, save_tensors, state_from_flat, state_to_flat
 from nnlab.train.log import RunLogger
-from nnlab.train.optim import clip_grad_norm, make_optimizer
+from nnlab.train.optim import make_optimizer
 from nnlab.train.precision import autocast, resolve_precision
 
 CKPT = "checkpoints/last.safetensors"
@@ -157,7 +157,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
             step += 1
             continue
         if t.grad_clip > 0:
-            clip_grad_norm(params, t.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
