@@ -19,9 +19,11 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from nnlab import kernels
 from nnlab import run as runfolder
 from nnlab.config import Config, load_config
 from nnlab.errors import ConfigError, NnlabError
+from nnlab.info import machine_info
 from nnlab.models import build_model
 from nnlab.tasks import Task, lr_at, make_task
 from nnlab.train import distributed
@@ -206,7 +208,8 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
         summary = {"recipe": cfg.recipe, "model": cfg.model["name"], "steps": step, "train_seconds": round(train_seconds, 2),
                    **speed, "params": n_params, **metrics, "precision": precision, "precision_reason": precision_why,
                    "allocator": allocator,
-                   "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed, **runfolder.provenance()}
+                   "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed, **runfolder.provenance(),
+                   "machine": machine_info(), "kernels_used": kernels.used()}
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         rate = (f"; {speed[f'{unit}_per_s']:,.0f} {unit}/s after a first step of {first_step_seconds:.2f} s"
                 if steady_steps else "")
