@@ -339,14 +339,15 @@ def test_custom_op_registration(case):
 
 
 @needs_kernels
-@pytest.mark.parametrize("c_in,layout,input_grad", [
-    (1, "contiguous", False),  # the conv1 op
-    (1, "channels_last", True),  # an input gradient: conv by torch, then the pool op
-    (32, "channels_last", True),  # the conv3x3 op
+@pytest.mark.parametrize("c_in,layout,input_grad,op_name", [
+    (1, "contiguous", False, "conv1_pool2x2"),
+    (1, "channels_last", True, "pool2x2"),  # an input gradient: conv by torch, then the pool op
+    (32, "channels_last", True, "conv3x3_pool2x2"),
 ])
-def test_conv_pool_relu_layer_paths_agree(c_in, layout, input_grad, no_kernels):
+def test_conv_pool_relu_layer_paths_agree(c_in, layout, input_grad, op_name, no_kernels, monkeypatch):
     """The article's formula (conv, ReLU, pool), torch's functional path and the op: the same outputs
     and gradients on the same weights."""
+    monkeypatch.setattr(build, "_used", set())
     torch.manual_seed(0)
     fmt = CL if layout == "channels_last" else torch.contiguous_format
     layer = ConvPoolReLU(c_in, 32, 3, padding=1).to(memory_format=fmt)
@@ -357,12 +358,13 @@ def test_conv_pool_relu_layer_paths_agree(c_in, layout, input_grad, no_kernels):
         return run(lambda x, c: c(x), x, layer, g, False)
 
     op = paths()
+    assert (op_name in kernels.used()) == kernels.status()["ops"][op_name]
     layer.explicit = True
     explicit = paths()
     layer.explicit = False
     no_kernels()
-    functional_ = paths()
-    for name, path in (("explicit", explicit), ("functional", functional_)):
+    by_torch = paths()
+    for name, path in (("explicit", explicit), ("functional", by_torch)):
         for a, b in zip(op, path):
             if a is not None or b is not None:
                 assert_close(a, b, **F32, msg=lambda m: f"op vs {name}: {m}")
