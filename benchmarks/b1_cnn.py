@@ -6,8 +6,8 @@ the article writes it: a DataLoader over a TensorDataset, fp32. nnlab runs its `
 through nnlab.train, first as shipped (fp32), then with the switches that keep
 model, batch and optimizer: channels_last, and channels_last + precision=auto (bf16 autocast only
 where the hardware has it natively); then that last variant again with ATen in place of nnlab's
-own kernels (nn/kernels.c: the fused conv1 + pool + ReLU block, the 2x2 pool, and conv2's weight
-gradient from the pooled gradient), so their share shows in the same run.
+own kernels (nnlab.kernels: the fused conv1 + pool + ReLU block, conv2 + pool + ReLU with its weight
+gradient from the pooled gradient, the 2x2 pool), so their share shows in the same run.
 
 Every run is a fresh process (common.isolated), as a user's script would be. After the timing,
 3 epochs of the plain loop and of the fastest eager variant compare test accuracy.
@@ -30,7 +30,7 @@ from common import (Ctx, attempt, auto_note, conv_fc_macs, isolated, keep, kerne
                     train_quiet, training_table)
 from plain_cnn import Net
 
-from nnlab.nn import kernels
+from nnlab import kernels
 
 NNLAB = [
     ("nnlab seed-cnn (recipe as shipped)", {}),
@@ -122,7 +122,7 @@ def run(ctx: Ctx) -> dict:
                   "convolution does them; nnlab's fp32 Winograd convolution does fewer, so its MFU may pass 100%)",
                   "ratio = samples/s over the plain loop's in the same repeat; warm-up = first "
                   f"{warm} steps; setup = data loading and model building before the first step",
-                  auto_note(results[NNLAB[-1][0]]), crosscheck, f"nnlab's kernels: {kernels.status()}",
+                  auto_note(results[NNLAB[-1][0]]), crosscheck, f"nnlab's kernels: {kernels.status()['why']}",
                   f"test accuracy after {epochs} epoch(s), one seed each: plain loop "
                   f"{100 * acc['plain']['test_accuracy']:.2f}%, {NNLAB[-1][0]} ({acc['nnlab']['precision']}) "
                   f"{100 * acc['nnlab']['test_accuracy']:.2f}% ({100 * gap:+.2f} points)"],

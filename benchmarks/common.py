@@ -309,10 +309,10 @@ RESULT = "@@result "  # marks the worker's one output line
 def kernels_off() -> None:
     """Switch nnlab's own CPU kernels off for this process (every side runs in a fresh one, see
     `isolated`), so what runs is ATen's; raises if they were already loaded, when it is too late."""
-    from nnlab.nn import kernels
+    from nnlab import kernels
 
     os.environ["NNLAB_NO_KERNELS"] = "1"  # read when the kernels are first asked for
-    if kernels.library() is not None:
+    if kernels.status()["built"]:
         raise RuntimeError("nnlab's kernels were loaded before they could be switched off")
 
 

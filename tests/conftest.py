@@ -125,15 +125,30 @@ def run_cli(tmp_path_factory):
 
 
 @pytest.fixture
-def avx2_build(tmp_path, monkeypatch):
-    """Call it to make nnlab's kernels rebuild (into tmp_path) for x86-64-v3, the code an AVX2-only CPU
-    gets; it checks that the next build really went there."""
-    from nnlab.nn import kernels
+def avx2_build(tmp_path_factory, monkeypatch):
+    """Call it to make nnlab's kernels load a build for x86-64-v3, the code an AVX2-only CPU gets, from a
+    cache folder of this session (built once, by the first test that asks); it checks that they did."""
+    from nnlab.kernels import build
+
+    cache = tmp_path_factory.getbasetemp() / "avx2-build-cache"
 
     def switch():
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
         monkeypatch.setenv("NNLAB_KERNELS_MARCH", "x86-64-v3")
-        monkeypatch.setattr(kernels, "_state", {})
-        assert kernels.status().startswith(f"built {tmp_path}"), kernels.status()
+        monkeypatch.setattr(build, "_state", {})
+        assert build.status()["why"].startswith(f"built {cache}"), build.status()
+
+    return switch
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Call it to do what NNLAB_NO_KERNELS=1 does, inside this process: from then on (to the test's
+    end) no kernel op applies, and every layer takes torch's functional path."""
+    from nnlab import kernels
+
+    def switch():
+        for name in ("pool_applies", "conv_pool_applies", "attention_applies"):
+            monkeypatch.setattr(kernels, name, lambda *a, **k: False)
 
     return switch

@@ -150,9 +150,10 @@ def test_bf16_cpu_attention_is_sdpas_math_kernel_exactly(new_tokens, monkeypatch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from nnlab import kernels
     from nnlab.nn import layers
 
-    monkeypatch.setattr(layers.attention, "supports", lambda *a: False)  # not nnlab's kernel: tested apart
+    monkeypatch.setattr(kernels, "attention_applies", lambda *a: False)  # not nnlab's kernel: tested apart
     sa = _attn(causal=True).to(torch.bfloat16)
     torch.manual_seed(1)
     x_all = torch.randn(B, T, C, dtype=torch.bfloat16)

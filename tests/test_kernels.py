@@ -1,25 +1,87 @@
-"""nnlab's CPU kernels against ATen: the 2x2 max-pool (+ReLU) against F.max_pool2d and torch.relu
-(values and gradients, bit for bit), the fused conv 1->C + pool + ReLU against conv, pool, relu, and
-Winograd's 3x3 convolution against a float64 one."""
+"""nnlab's CPU kernels (nnlab.kernels) against their references: each op's values and gradients
+against torch's functional path, in fp32 and under bf16 autocast; the custom ops' registrations;
+the layers' three paths; torch.compile; the AVX2 build; and the build itself.
 
-import os
-import platform
-import shutil
-import subprocess
-import sys
+Tolerances: the pool kernel is exact (bit for bit, ties and NaNs included). fp32 convolutions sum the
+same terms in another order (or by Winograd): 1e-5. Under bf16 autocast outputs are rounded to bf16
+as the reference's are, so they agree within one bf16 rounding (2^-7 relative) and mostly bit for
+bit. The reference's bf16 weight gradients are themselves rounded to bf16 (on some CPUs in partial
+sums too), the kernels' summed in fp32: they agree within 2^-7 of the largest element, and the
+kernels' are checked tightly against float64 sums over the same windows' winners.
+"""
+
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.testing import assert_close
 
-from nnlab.nn import MaxPool2d, kernels
+from nnlab import kernels
+from nnlab.kernels import build
+from nnlab.models import build_model
+from nnlab.nn import ConvPoolReLU, MaxPool2d
 from nnlab.train.precision import cpu_flags
 
-needs_kernel = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                  reason="no C compiler: the kernel cannot be built here")
+CL = torch.channels_last
+F32 = dict(atol=1e-5, rtol=1e-5)
+BF16 = dict(atol=2**-7, rtol=2**-7)
+needs_kernels = pytest.mark.skipif(build.why_not_tried() is not None,
+                                   reason=f"no kernel build is tried here: {build.why_not_tried()}")
 
 
-def reference(x, relu):
+# ---- the build ------------------------------------------------------------------------------------
+
+@needs_kernels
+def test_the_library_builds_wherever_a_compiler_exists():
+    status = kernels.status()
+    assert status["built"], status
+    assert set(status["ops"]) == {"pool2x2", "conv1_pool2x2", "conv3x3_pool2x2", "attention"}
+    assert status["ops"]["pool2x2"] and status["ops"]["attention"], status
+    if "avx512f" in cpu_flags() or "avx2" in cpu_flags():
+        assert status["ops"]["conv1_pool2x2"] and status["ops"]["conv3x3_pool2x2"], status
+
+
+def test_no_kernels_switch_leaves_torch_in_charge(monkeypatch):
+    monkeypatch.setenv("NNLAB_NO_KERNELS", "1")
+    monkeypatch.setattr(build, "_state", {})
+    assert kernels.status() == {"built": False, "why": "NNLAB_NO_KERNELS is set",
+                                "ops": dict.fromkeys(build.OPS, False)}
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=CL)
+    layer = ConvPoolReLU(16, 32, 3, padding=1)
+    assert not (kernels.pool_applies(x) or kernels.conv_pool_applies(x, layer)
+                or kernels.attention_applies(torch.randn(2, 8, 48), 2))
+    expected = torch.relu(F.max_pool2d(F.conv2d(x, layer.weight, layer.bias, padding=1), 2))
+    assert torch.equal(layer(x), expected)
+
+
+@needs_kernels
+def test_a_build_failure_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    monkeypatch.setattr(build, "_state", {})
+    with pytest.warns(UserWarning, match="build or load failed"):
+        status = kernels.status()
+    assert not status["built"] and status["why"].startswith("build or load failed"), status
+    assert not kernels.pool_applies(torch.randn(2, 16, 8, 8).contiguous(memory_format=CL))
+
+
+@needs_kernels
+def test_a_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path):
+    """In a cache folder this process has not loaded from (a loaded library must never be rewritten)."""
+    name = Path(build.library()._name).name  # the key: sources, flags and CPU, not the folder
+    damaged = tmp_path / "nnlab" / "kernels" / name
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not an ELF file")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(build, "_state", {})
+    assert kernels.status()["built"], kernels.status()
+    assert damaged.read_bytes()[:4] == b"\x7fELF"
+
+
+# ---- nnlab::pool2x2 -------------------------------------------------------------------------------
+
+def pool_reference(x, relu):
     y = F.max_pool2d(x, 2)
     return torch.relu(y) if relu else y
 
@@ -31,344 +93,357 @@ def hard_input(dtype, shape=(5, 16, 10, 12)):
     x[0, 0, 0, 0] = float("nan")
     x[1, 2, 2, 0] = x[1, 2, 3, 1] = float("nan")
     x[2, 3, 4:6, 4:6] = -2.0  # a window that is all ties, all negative
-    return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=CL)
 
 
-@needs_kernel
+def assert_same(a, b):
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("relu", [False, True])
-def test_kernel_matches_aten_values_and_gradients_exactly(dtype, relu):
-    assert kernels.library() is not None, kernels.status()
+def test_pool_matches_torch_exactly(dtype, relu):
     x = hard_input(dtype)
-    assert kernels.supports(x)
+    assert kernels.pool_applies(x)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = reference(xa, relu), kernels.pool2x2(xb, relu)
+    ya, yb = pool_reference(xa, relu), kernels.pool(xb, relu)
     g = torch.randn(ya.shape).to(dtype)
     ya.backward(g), yb.backward(g)
-    assert yb.is_contiguous(memory_format=torch.channels_last) and yb.dtype == dtype
-    assert torch.equal(ya.isnan(), yb.isnan()) and torch.equal(ya.nan_to_num(), yb.nan_to_num())
-    # the winner of every window (first max, a NaN over numbers) gets the gradient, as in ATen
-    assert torch.equal(xa.grad, xb.grad)
+    assert yb.is_contiguous(memory_format=CL) and yb.dtype == dtype
+    assert_same(yb, ya)
+    assert torch.equal(xb.grad, xa.grad)  # the first max of each window (a NaN over numbers) gets it
 
 
-@needs_kernel
-def test_kernel_with_one_thread_and_a_non_channels_last_gradient():
+@needs_kernels
+def test_pool_with_one_thread_and_an_nchw_gradient(one_thread):
     x = hard_input(torch.float32).requires_grad_()
-    torch_threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y = kernels.pool2x2(x, True)
-    finally:
-        torch.set_num_threads(torch_threads)
+    y = kernels.pool(x, True)
     g = torch.randn(y.shape)  # NCHW-contiguous: the backward must read it through its strides
     y.backward(g)
     xr = x.detach().clone().requires_grad_()
-    yr = reference(xr, True)
-    yr.backward(g)
-    assert torch.equal(y.isnan(), yr.isnan()) and torch.equal(y.nan_to_num(), yr.nan_to_num())
+    pool_reference(xr, True).backward(g)
     assert torch.equal(x.grad, xr.grad)
 
 
 @pytest.mark.parametrize("x", [
     torch.randn(2, 4, 8, 8),  # NCHW memory
-    torch.randn(2, 4, 7, 8).contiguous(memory_format=torch.channels_last),  # odd H
-    torch.randn(2, 4, 8, 8).to(torch.float16).contiguous(memory_format=torch.channels_last),
-    torch.randint(0, 9, (2, 4, 8, 8)).contiguous(memory_format=torch.channels_last),
+    torch.randn(2, 4, 7, 8).contiguous(memory_format=CL),  # odd H
+    torch.randn(2, 4, 8, 8).to(torch.float16).contiguous(memory_format=CL),
+    torch.randint(0, 9, (2, 4, 8, 8)).contiguous(memory_format=CL),
 ])
-def test_tensors_the_kernel_does_not_take_go_to_aten(x):
-    assert not kernels.supports(x)
-    for relu in (False, True):
-        assert torch.equal(MaxPool2d(2)(x, relu=relu), reference(x, relu))
+def test_pool_applies_only_where_it_computes(x):
+    assert not kernels.pool_applies(x)
+    assert torch.equal(MaxPool2d(2)(x), F.max_pool2d(x, 2))
 
 
-def test_no_kernels_switch_leaves_aten_in_charge():
-    code = ("from nnlab.nn import kernels as k; import torch; "
-            "x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last); "
-            "print(k.supports(x), k.status())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "NNLAB_NO_KERNELS": "1"}).stdout
-    assert out.strip() == "False NNLAB_NO_KERNELS is set"
+@needs_kernels
+def test_max_pool_layer_paths_agree(no_kernels):
+    x = hard_input(torch.float32).nan_to_num()
+    layer = MaxPool2d(2)
+    op = layer(x)
+    layer.explicit = True
+    explicit = layer(x)
+    layer.explicit = False
+    no_kernels()
+    assert torch.equal(op, explicit) and torch.equal(op, layer(x))
 
 
-@needs_kernel
-def test_a_damaged_cached_library_is_rebuilt(tmp_path):
-    """Each load in a fresh process, as for a user: a process must never rewrite a library it has loaded."""
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    code = "from nnlab.nn import kernels as k; print(k.library() is not None, k.status())"
+# ---- nnlab::conv1_pool2x2 and nnlab::conv3x3_pool2x2 ------------------------------------------------
 
-    def load():
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
-
-    assert load().startswith("True built")
-    (built,) = (tmp_path / "nnlab" / "kernels").glob("kernels-*.so")
-    built.write_bytes(b"not an ELF file")
-    assert load().startswith("True built")
-    assert built.read_bytes()[:4] == b"\x7fELF"
+def functional(x, conv, relu):
+    """The layer's functional path (pool before ReLU: the same function)."""
+    return pool_reference(F.conv2d(x, conv.weight, conv.bias, padding=1), relu)
 
 
-@needs_kernel
-def test_traced_and_compiled_models_use_aten_and_agree_with_the_kernel():
-    """Neither torch.jit.trace nor torch.compile can see into a ctypes call: both must take ATen's pool."""
-    from nnlab.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model("seed-cnn").to(memory_format=torch.channels_last)
-    x = torch.randn(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    eager = model(x)
-    traced = torch.jit.trace(model, x, check_trace=False)
-    assert "aten::max_pool2d" in str(traced.inlined_graph)
-    assert torch.allclose(traced(x), eager, atol=1e-5)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no break at the kernel
-    assert torch.allclose(compiled(x), eager, atol=1e-5)
-
-
-# ---- conv 1->C (3x3) + max-pool + ReLU in one pass -------------------------------------------------
-
-def conv_reference(x, conv, relu):
-    y = F.max_pool2d(conv(x), 2)
-    return torch.relu(y) if relu else y
-
-
-def conv_grads(fn, x, conv, g):
+def run(fn, x, conv, g, bf16):
+    """fn(x, conv) under bf16 autocast (or none) and its gradients for the output gradient g:
+    (output, x's gradient or None, W's, b's or None)."""
     conv.zero_grad(set_to_none=True)
-    y = fn(x, conv)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        y = fn(x, conv)
     y.backward(g.to(y.dtype))
-    return y.detach(), conv.weight.grad.clone(), conv.bias.grad.clone()
+    return y.detach(), x.grad, conv.weight.grad, None if conv.bias is None else conv.bias.grad
 
 
-@needs_kernel
+def winner_weight_grad(x, conv, g, bf16, relu):
+    """The weight gradient in float64, summed over each window's winner of the convolution as the ops
+    compute it (under bf16: inputs and each output rounded to bf16)."""
+    cast = (lambda t: t.detach().bfloat16().double()) if bf16 else (lambda t: t.detach().double())
+    xd, wd = cast(x), cast(conv.weight).requires_grad_()
+    with torch.no_grad():
+        c = F.conv2d(xd, wd, None if conv.bias is None else cast(conv.bias), padding=1)
+        c = cast(c)
+        pooled, idx = F.max_pool2d(c, 2, return_indices=True)
+    gy = cast(g) * ((pooled > 0) if relu else 1)
+    N, C, H, W = c.shape
+    gfull = torch.zeros(N, C, H * W, dtype=torch.float64).scatter_(2, idx.flatten(2), gy.flatten(2))
+    F.conv2d(xd, wd, padding=1).backward(gfull.view(N, C, H, W))
+    return wd.grad
+
+
+def assert_grad_close(actual, expected, bf16):
+    if bf16:
+        assert_close(actual, expected, atol=2**-7 * expected.abs().max().item(), rtol=2**-7)
+    else:
+        assert_close(actual, expected, **F32)
+
+
+def check_conv_pool(x, conv, g, bf16, relu, op_name):
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        assert kernels.conv_pool_applies(x, conv) == kernels.status()["ops"][op_name]
+    y, gx, gw, gb = run(lambda x, c: kernels.conv_pool(x, c, relu), x, conv, g, bf16)
+    y_ref, gx_ref, gw_ref, gb_ref = run(lambda x, c: functional(x, c, relu), x, conv, g, bf16)
+    assert y.dtype == y_ref.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert y.is_contiguous(memory_format=CL)
+    assert_close(y, y_ref, **(BF16 if bf16 else F32))
+    if bf16:  # most outputs agree bit for bit; a broken rounding would move far more of them
+        assert (y == y_ref).float().mean() > 0.99
+    if gx_ref is not None:  # ATen's or Winograd's input gradient, from the same full-size gradient
+        assert gx.dtype == x.dtype
+        assert_close(gx, gx_ref, **F32)
+    assert_grad_close(gw, gw_ref, bf16)
+    if gb_ref is not None:
+        assert_grad_close(gb, gb_ref, bf16)
+    exact = winner_weight_grad(x, conv, g, bf16, relu)
+    assert_close(gw.double(), exact, atol=1e-5 * exact.abs().max().item(), rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_conv_pool_matches_conv_then_pool(relu, bf16):
-    from nnlab.nn import Conv2d
-
+def test_conv1_pool_matches_the_functional_path(bias, relu, bf16):
+    """One input channel, which needs no gradient."""
     torch.manual_seed(0)
-    conv, x = Conv2d(1, 32, 3, padding=1), torch.randn(6, 1, 12, 10)
-    g = torch.randn(6, 32, 6, 5)
-    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        assert kernels.supports_conv_pool(x, conv) == kernels.conv_native()  # the kernel runs either way here
-        ya, gwa, gba = conv_grads(lambda x, c: conv_reference(x, c, relu), x, conv, g)
-        yb, gwb, gbb = conv_grads(lambda x, c: kernels.conv_pool(x, c, relu), x, conv, g)
-    assert yb.dtype == ya.dtype == (torch.bfloat16 if bf16 else torch.float32)
-    assert yb.is_contiguous(memory_format=torch.channels_last)
-    # fp32: the same sums in another order. bf16: each conv output rounded to bf16 as oneDNN's is;
-    # the reference's weight gradient is itself rounded to bf16, this kernel's is summed in fp32.
-    tol = dict(atol=1e-2, rtol=1e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(yb, ya, **tol)
-    torch.testing.assert_close(gwb, gwa, **tol)
-    torch.testing.assert_close(gbb, gba, **tol)
-    if bf16:  # most outputs agree bit for bit; a broken rounding would move far more of them
-        assert (yb == ya).float().mean() > 0.99
+    conv, x = ConvPoolReLU(1, 32, 3, padding=1, bias=bias), torch.randn(6, 1, 12, 10)
+    check_conv_pool(x, conv, torch.randn(6, 32, 6, 5), bf16, relu, "conv1_pool2x2")
 
 
-@needs_kernel
+@needs_kernels
+@pytest.mark.parametrize("c_in", [32, 48])  # 32: Winograd's input gradient too; 48: blocks of 16 channels
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_conv_pool_without_bias(bf16):
-    from nnlab.nn import Conv2d
-
-    torch.manual_seed(2)
-    conv, x = Conv2d(1, 16, 3, padding=1, bias=False), torch.randn(3, 1, 8, 6)
-    g = torch.randn(3, 16, 4, 3)
-    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        conv.zero_grad(set_to_none=True)
-        ya = conv_reference(x, conv, True)
-        ya.backward(g.to(ya.dtype))
-        gwa = conv.weight.grad.clone()
-        conv.zero_grad(set_to_none=True)
-        yb = kernels.conv_pool(x, conv, True)
-        yb.backward(g.to(yb.dtype))
-    tol = dict(atol=1e-2, rtol=1e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(yb, ya, **tol)
-    torch.testing.assert_close(conv.weight.grad, gwa, **tol)
+def test_conv3x3_pool_matches_the_functional_path(c_in, relu, bf16):
+    torch.manual_seed(0)
+    conv = ConvPoolReLU(c_in, 32, 3, padding=1).to(memory_format=CL)
+    x = torch.randn(5, c_in, 10, 12).contiguous(memory_format=CL)
+    if bf16:
+        x = x.bfloat16()  # as the block before hands it over under autocast
+    check_conv_pool(x.requires_grad_(), conv, torch.randn(5, 32, 5, 6), bf16, relu, "conv3x3_pool2x2")
 
 
-@needs_kernel
-def test_conv_pool_ties_and_nans_follow_aten():
-    """Zero weights make all four positions of every window tie (the first must win, as in ATen),
-    and a NaN pixel must make its windows NaN."""
-    from nnlab.nn import Conv2d
-
-    conv = Conv2d(1, 16, 3, padding=1)
+@needs_kernels
+@pytest.mark.parametrize("c_in", [1, 16])
+def test_conv_pool_ties_and_nans_follow_torch(c_in):
+    """Zero weights make all four positions of every window tie (the first must win, as in ATen, so
+    the weight gradient reads the same patches); a NaN pixel makes its windows NaN."""
+    torch.manual_seed(1)
+    conv = ConvPoolReLU(c_in, 16, 3, padding=1).to(memory_format=CL)
     with torch.no_grad():
         conv.weight.zero_()
-    x = torch.randn(2, 1, 8, 8)
-    x[1, 0, 3, 4] = float("nan")
-    g = torch.randn(2, 16, 4, 4)
-    ya, gwa, gba = conv_grads(lambda x, c: conv_reference(x, c, False), x, conv, g)
-    yb, gwb, gbb = conv_grads(lambda x, c: kernels.conv_pool(x, c, False), x, conv, g)
-    assert torch.equal(ya.isnan(), yb.isnan()) and ya.isnan().any()
-    assert torch.equal(ya.nan_to_num(), yb.nan_to_num())
-    assert torch.equal(gwa.isnan(), gwb.isnan())
-    torch.testing.assert_close(gwb.nan_to_num(), gwa.nan_to_num())
-    torch.testing.assert_close(gbb, gba)
+    x = torch.randn(3, c_in, 8, 8).contiguous(memory_format=CL)
+    if c_in == 1:
+        x[1, 0, 3, 4] = float("nan")
+    else:
+        x.requires_grad_()
+    g = torch.randn(3, 16, 4, 4)
+    y, gx, gw, gb = run(lambda x, c: kernels.conv_pool(x, c, False), x, conv, g, False)
+    y_ref, gx_ref, gw_ref, gb_ref = run(lambda x, c: functional(x, c, False), x, conv, g, False)
+    assert_same(y, y_ref)
+    assert torch.equal(gw.isnan(), gw_ref.isnan())
+    assert_close(gw.nan_to_num(), gw_ref.nan_to_num(), **F32)
+    assert_close(gb, gb_ref, **F32)
+    if c_in > 1:
+        assert torch.equal(gx, gx_ref)
 
 
-def wide_grads(fn, x, conv, g):
-    """fn(x, conv)'s output and the gradients of x, W and b for the output gradient g."""
-    x = x.detach().clone().requires_grad_()
-    y, gw, gb = conv_grads(lambda x_, c: fn(x_, c), x, conv, g)
-    return y, x.grad, gw, gb
-
-
-@needs_kernel
-@pytest.mark.parametrize("c_in", [32, 48])  # 48: blocks of 16 channels instead of 32
-@pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_wide_conv_pool_matches_conv_then_pool(c_in, relu, bf16):
-    """conv C_in->C (3x3) + pool: ATen's convolution and input gradient, the pool kernel, and the
-    weight and bias gradients summed from the winners only."""
-    from nnlab.nn import Conv2d
-
-    torch.manual_seed(0)
-    conv = Conv2d(c_in, 32, 3, padding=1).to(memory_format=torch.channels_last)
-    x = torch.randn(5, c_in, 10, 12).contiguous(memory_format=torch.channels_last)
-    g = torch.randn(5, 32, 5, 6)
-    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        if bf16:
-            x = x.to(torch.bfloat16)  # as the block before hands it over under autocast
-        assert kernels.supports_conv_pool(x, conv) == kernels.conv_native()
-        ya, gxa, gwa, gba = wide_grads(lambda x, c: conv_reference(x, c, relu), x, conv, g)
-        yb, gxb, gwb, gbb = wide_grads(lambda x, c: kernels.conv_pool(x, c, relu), x, conv, g)
-    assert yb.dtype == ya.dtype == (torch.bfloat16 if bf16 else torch.float32)
-    if bf16:
-        assert torch.equal(yb, ya)  # ATen's convolution, and a pool that matches ATen's bit for bit
-    else:  # winograd.c's convolution: the same sums up to rounding
-        torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
-    assert gxb.dtype == x.dtype
-    # The input gradient is ATen's or winograd.c's from the same full-size gradient; the weight
-    # gradient is the same sum in another order, and under bf16 the reference's is rounded to bf16,
-    # this one's is not.
-    torch.testing.assert_close(gxb, gxa, atol=1e-5, rtol=1e-5)
-    tol = dict(atol=0.02, rtol=0.01) if bf16 else dict(atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(gwb, gwa, **tol)
-    torch.testing.assert_close(gbb, gba, **tol)
-    # Against float64 from the same winners, this kernel's fp32 sums are far closer than bf16.
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        pooled, idx = F.max_pool2d(conv(x).float(), 2, return_indices=True)  # the convolution it pooled
-    keep = (pooled > 0) if relu else torch.ones_like(pooled, dtype=torch.bool)
-    gfull = torch.zeros(5, 32, 10 * 12, dtype=torch.float64)
-    gfull.scatter_(2, idx.flatten(2), (g.to(ya.dtype).double() * keep).flatten(2))
-    wd = conv.weight.detach().to(x.dtype).double().requires_grad_()
-    F.conv2d(x.double(), wd, padding=1).backward(gfull.view(5, 32, 10, 12))
-    torch.testing.assert_close(gwb.double(), wd.grad, atol=1e-4, rtol=1e-5)
-
-
-def winograd_case(shape, c_out=64, seed=0):
-    torch.manual_seed(seed)
-    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(c_out, shape[1], 3, 3) / (3 * shape[1] ** 0.5)
-    return x, w, torch.randn(c_out)
-
-
-@needs_kernel
-@pytest.mark.skipif(not kernels.conv_native(), reason="the conv kernels do not run on this CPU")
+@needs_kernels
 @pytest.mark.parametrize("shape", [(5, 32, 6, 10), (1, 16, 2, 2), (3, 48, 14, 14)])  # 75 tiles: a part block
 def test_winograd_is_a_3x3_convolution(shape):
-    """winograd.c's F(2x2, 3x3) against a float64 convolution: within a few fp32 roundings of the
-    largest terms (a wrong transform coefficient is off by whole terms), and its pooled variant
-    exactly the pool kernel applied to its plain output."""
-    x, w, b = winograd_case(shape)
-    y = kernels._winograd(x, w, b, pool=False)
-    assert y.shape == (shape[0], 64, *shape[2:]) and y.is_contiguous(memory_format=torch.channels_last)
-    exact = F.conv2d(x.double(), w.double(), b.double(), padding=1)
-    terms = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), padding=1)  # the sum of |terms|
-    err = ((y.double() - exact).abs() / terms).max().item()
-    assert err < 1e-6, err  # seen: 1e-7 to 1.6e-7 (ATen's direct convolution: 0.4e-7 to 2.9e-7)
-    for relu in (False, True):
-        yp, code = kernels._winograd(x, w, b, pool=True, relu=relu)
-        yq, cq = kernels._pool_forward(y, relu)
-        assert torch.equal(yp, yq) and torch.equal(code, cq)
-    with pytest.raises(ValueError, match="even H, W"):  # what supports_conv_pool keeps from it
-        kernels._winograd(x[:, :, :, 1:].contiguous(memory_format=torch.channels_last), w, b, pool=False)
-    with pytest.raises(ValueError, match="channels-last fp32"):  # C would read NCHW memory as NHWC
-        kernels._winograd(x.contiguous(), w, b, pool=False)
-
-
-@needs_kernel
-def test_wide_conv_pool_ties_follow_aten():
-    """Zero weights: every window's four outputs tie, and the first must win, as in ATen, so the
-    weight gradient reads the same patches."""
-    from nnlab.nn import Conv2d
-
-    torch.manual_seed(1)
-    conv = Conv2d(16, 16, 3, padding=1).to(memory_format=torch.channels_last)
+    """nnlab::conv3x3_winograd against a float64 convolution: within a few fp32 roundings of the
+    largest terms (a wrong transform coefficient is off by whole terms); conv3x3_pool2x2's fused
+    Winograd + pool is exactly the pool op applied to it."""
+    torch.manual_seed(0)
+    x = torch.randn(shape).contiguous(memory_format=CL)
+    conv = ConvPoolReLU(shape[1], 64, 3, padding=1)
     with torch.no_grad():
-        conv.weight.zero_()
-    x = torch.randn(3, 16, 8, 8).contiguous(memory_format=torch.channels_last)
-    g = torch.randn(3, 16, 4, 4)
-    ya, gxa, gwa, gba = wide_grads(lambda x, c: conv_reference(x, c, False), x, conv, g)
-    yb, gxb, gwb, gbb = wide_grads(lambda x, c: kernels.conv_pool(x, c, False), x, conv, g)
-    assert torch.equal(ya, yb)
-    torch.testing.assert_close(gwb, gwa, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gbb, gba)
-    assert torch.equal(gxa, gxb)
+        conv.weight.copy_(torch.randn(64, shape[1], 3, 3) / (3 * shape[1] ** 0.5))
+    w, b = conv.weight.detach(), conv.bias.detach()
+    y = torch.ops.nnlab.conv3x3_winograd(x, w)
+    assert y.shape == (shape[0], 64, *shape[2:]) and y.is_contiguous(memory_format=CL)
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    terms = F.conv2d(x.double().abs(), w.double().abs(), padding=1)  # the sum of |terms|
+    assert ((y.double() - exact).abs() / terms).max().item() < 1e-6  # ATen's direct one: ~3e-7
+    assert torch.equal(torch.ops.nnlab.conv3x3_winograd(x.contiguous(), w), y)  # NCHW input: the same
+    for relu in (False, True):
+        assert torch.equal(kernels.conv_pool(x, conv, relu), kernels.pool(y + b.view(1, -1, 1, 1), relu))
+    with pytest.raises(ValueError, match="even H, W"):
+        torch.ops.nnlab.conv3x3_winograd(x[:, :, :, 1:], w)
+    with pytest.raises(ValueError, match="fp32"):
+        torch.ops.nnlab.conv3x3_winograd(x.bfloat16(), w)
 
 
-@needs_kernel
-@pytest.mark.skipif(platform.machine() != "x86_64" or not {"avx2", "fma", "bmi2", "movbe", "f16c"} <= cpu_flags(),
-                    reason="needs an x86 CPU that runs x86-64-v3 code")
-def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(avx2_build):
-    """CPUs without AVX-512 (the AVX2-only EPYC) get other code: 8-lane vectors, and bf16 rounding by
-    bit arithmetic instead of vcvtneps2bf16. Build for such a CPU here and compare: per lane the same
-    multiply-adds in the same order, so the outputs must agree bit for bit (these inputs give no
-    denormal conv outputs, which only the instruction flushes to zero)."""
-    from nnlab.nn import Conv2d
-
-    torch.manual_seed(0)
-    conv, x = Conv2d(1, 32, 3, padding=1), torch.randn(16, 1, 28, 28)
-    g = torch.randn(16, 32, 14, 14)
-    xp = hard_input(torch.bfloat16, shape=(4, 32, 10, 12))
-    gp = torch.randn(4, 32, 5, 6).to(torch.bfloat16)
-    wide = Conv2d(32, 16, 3, padding=1)
-    gwide = torch.randn(4, 16, 5, 6)
-
-    def run():
-        with torch.autocast("cpu", torch.bfloat16):
-            y, gw, gb = conv_grads(lambda x, c: kernels.conv_pool(x, c, True), x, conv, g)
-            _, gw2, gb2 = conv_grads(lambda x, c: kernels.conv_pool(x, c, True), xp.nan_to_num(), wide, gwide)
-        xg = xp.clone().requires_grad_()
-        kernels.pool2x2(xg, True).backward(gp)
-        return (y, gw, gb, kernels.pool2x2(xp, True), xg.grad, gw2, gb2,
-                *kernels._winograd(*winograd_case((3, 48, 10, 12)), pool=True, relu=True))
-
-    native = run()
-    avx2_build()
-    portable = run()
-    # AVX2 vectors are the build's own, so seed-cnn uses the conv kernels there too.
-    assert kernels.conv_native() and kernels.supports(xp) and kernels.supports_conv_pool(x, conv)
-    assert torch.equal(native[0], portable[0])
-    torch.testing.assert_close(portable[1], native[1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(portable[2], native[2], atol=1e-5, rtol=1e-5)
-    xr = xp.clone().requires_grad_()
-    yr = reference(xr, True)
-    yr.backward(gp)
-    assert torch.equal(portable[3].nan_to_num(), yr.detach().nan_to_num())
-    assert torch.equal(portable[4], xr.grad)
-    assert torch.equal(portable[5], native[5]) and torch.equal(portable[6], native[6])  # the wide weight gradient
-    assert torch.equal(portable[7], native[7]) and torch.equal(portable[8], native[8])  # Winograd + pool
-
-
-def test_conv_pool_declines_what_it_does_not_compute():
-    from nnlab.nn import Conv2d
-
-    conv, x = Conv2d(1, 32, 3, padding=1), torch.randn(2, 1, 8, 8)
-    assert not kernels.supports_conv_pool(x.clone().requires_grad_(), conv)  # no input gradient here
-    assert not kernels.supports_conv_pool(torch.randn(2, 1, 7, 8), conv)  # odd height
-    assert not kernels.supports_conv_pool(torch.randn(2, 3, 8, 8), Conv2d(3, 32, 3, padding=1))
-    assert not kernels.supports_conv_pool(x, Conv2d(1, 24, 3, padding=1))  # not a multiple of 16
-    assert not kernels.supports_conv_pool(x, Conv2d(1, 32, 3, stride=2, padding=1))
-    assert not kernels.supports_conv_pool(x, Conv2d(1, 32, 5, padding=2))
+def test_conv_pool_applies_only_where_it_computes():
+    ops = kernels.status()["ops"]
+    conv, x = ConvPoolReLU(1, 32, 3, padding=1), torch.randn(2, 1, 8, 8)
+    assert kernels.conv_pool_applies(x, conv) == ops["conv1_pool2x2"]
+    assert not kernels.conv_pool_applies(x.clone().requires_grad_(), conv)  # no input gradient from conv1
+    assert not kernels.conv_pool_applies(torch.randn(2, 1, 7, 8), conv)  # odd height
+    assert not kernels.conv_pool_applies(torch.randn(2, 3, 8, 8), ConvPoolReLU(3, 32, 3, padding=1))
+    assert not kernels.conv_pool_applies(x, ConvPoolReLU(1, 24, 3, padding=1))  # not a multiple of 16
+    assert not kernels.conv_pool_applies(x, ConvPoolReLU(1, 32, 3, stride=2, padding=1))
+    assert not kernels.conv_pool_applies(x, ConvPoolReLU(1, 32, 5, padding=2))
     with torch.autocast("cpu", torch.float16):
-        assert not kernels.supports_conv_pool(x, conv)
+        assert not kernels.conv_pool_applies(x, conv)
+    wide, xw = ConvPoolReLU(16, 32, 3, padding=1), torch.randn(2, 16, 8, 8)
+    assert not kernels.conv_pool_applies(xw, wide)  # NCHW memory
+    assert kernels.conv_pool_applies(xw.contiguous(memory_format=CL), wide) == ops["conv3x3_pool2x2"]
+    assert not kernels.conv_pool_applies(xw.contiguous(memory_format=CL).bfloat16(), wide)  # bf16 outside autocast
 
 
-def test_seed_cnn_input_gradients_still_flow():
-    """Attacks and saliency need d(loss)/d(input): seed-cnn must then take the unfused path."""
-    from nnlab.models import build_model
+# ---- the ops' registrations, the layer's paths, compile --------------------------------------------
+
+def op_cases():
+    """(op, args) for every custom op, with inputs that need gradients where the op takes them."""
+    torch.manual_seed(0)
+    x1, w1, b1 = torch.randn(2, 1, 6, 8), torch.randn(16, 1, 3, 3), torch.randn(16)
+    x, w, b = torch.randn(2, 32, 6, 8).contiguous(memory_format=CL), torch.randn(32, 32, 3, 3) / 20, torch.randn(32)
+    y1, xpad, code1 = torch.ops.nnlab.conv1_pool2x2(x1, w1, b1, False, True)
+    y, code = torch.ops.nnlab.conv3x3_pool2x2(x, w, b, False, True)
+    grad = (lambda *ts: [t.clone().requires_grad_() for t in ts])
+    nnlab = torch.ops.nnlab
+    return {
+        "pool2x2": (nnlab.pool2x2, (*grad(hard_input(torch.float32).nan_to_num()), True)),
+        "pool2x2_backward": (nnlab.pool2x2_backward, (torch.randn(y.shape), code)),
+        "conv1_pool2x2": (nnlab.conv1_pool2x2, (x1, *grad(w1, b1), False, True)),
+        "conv1_pool2x2 bf16": (nnlab.conv1_pool2x2, (x1, *grad(w1, b1), True, False)),
+        "conv1_pool2x2_backward": (nnlab.conv1_pool2x2_backward, (torch.randn(y1.shape), xpad, code1, False)),
+        "conv3x3_pool2x2": (nnlab.conv3x3_pool2x2, (*grad(x, w, b), False, True)),
+        "conv3x3_pool2x2 bf16": (nnlab.conv3x3_pool2x2, (*grad(x.bfloat16(), w, b), True, True)),
+        "conv3x3_pool2x2_wgrad": (nnlab.conv3x3_pool2x2_wgrad, (x, torch.randn(y.shape), code, False)),
+        "conv3x3_winograd": (nnlab.conv3x3_winograd, (x, w)),  # used in backward only: no gradient of its own
+    }
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["pool2x2", "pool2x2_backward", "conv1_pool2x2", "conv1_pool2x2 bf16",
+                                  "conv1_pool2x2_backward", "conv3x3_pool2x2", "conv3x3_pool2x2 bf16",
+                                  "conv3x3_pool2x2_wgrad", "conv3x3_winograd"])
+def test_custom_op_registration(case):
+    """torch.library's checks of each op's schema, fake implementation (shapes and strides, as
+    torch.compile relies on them) and autograd registration."""
+    op, args = op_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+@needs_kernels
+@pytest.mark.parametrize("c_in,layout,input_grad,op_name", [
+    (1, "contiguous", False, "conv1_pool2x2"),
+    (1, "channels_last", True, "pool2x2"),  # an input gradient: conv by torch, then the pool op
+    (32, "channels_last", True, "conv3x3_pool2x2"),
+])
+def test_conv_pool_relu_layer_paths_agree(c_in, layout, input_grad, op_name, no_kernels, monkeypatch):
+    """The article's formula (conv, ReLU, pool), torch's functional path and the op: the same outputs
+    and gradients on the same weights."""
+    monkeypatch.setattr(build, "_used", set())
+    torch.manual_seed(0)
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    layer = ConvPoolReLU(c_in, 32, 3, padding=1).to(memory_format=fmt)
+    x = torch.randn(4, c_in, 10, 8).contiguous(memory_format=fmt).requires_grad_(input_grad)
+    g = torch.randn(4, 32, 5, 4)
+
+    def paths():
+        return run(lambda x, c: c(x), x, layer, g, False)
+
+    op = paths()
+    assert (op_name in kernels.used()) == kernels.status()["ops"][op_name]
+    layer.explicit = True
+    explicit = paths()
+    layer.explicit = False
+    no_kernels()
+    by_torch = paths()
+    for name, path in (("explicit", explicit), ("functional", by_torch)):
+        for a, b in zip(op, path):
+            if a is not None or b is not None:
+                assert_close(a, b, **F32, msg=lambda m: f"op vs {name}: {m}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_seed_cnn_runs_the_ops_and_matches_eager(bf16, one_thread):
+    """Under torch.compile each kernel is one node of the graphs AOTAutograd traces (forward and
+    backward), with the same outputs and gradients as eager."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
 
     torch.manual_seed(0)
-    model = build_model("seed-cnn")
-    x = torch.randn(3, 1, 28, 28, requires_grad=True)
-    model(x).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
+    model = build_model("seed-cnn").to(memory_format=CL)
+    x = torch.randn(4, 1, 28, 28).contiguous(memory_format=CL)
+
+    def step(m):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out = m(x)
+        out.float().square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out, grads = step(model)
+    torch._dynamo.reset()
+    out_c, grads_c = step(torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep),
+                                        fullgraph=True))
+    ops = kernels.status()["ops"]
+    forward, backward = graphs
+    if ops["conv1_pool2x2"]:
+        assert "nnlab.conv1_pool2x2" in forward and "nnlab.conv3x3_pool2x2" in forward
+        assert "nnlab.conv1_pool2x2_backward" in backward and "nnlab.conv3x3_pool2x2_wgrad" in backward
+    else:
+        assert "nnlab.pool2x2" in forward and "nnlab.pool2x2_backward" in backward
+    assert_close(out_c, out, atol=0, rtol=0)
+    for a, b in zip(grads_c, grads):
+        assert_close(a, b, **F32)
+
+
+@needs_kernels
+@pytest.mark.skipif(not {"avx2", "fma", "bmi2", "movbe", "f16c"} <= cpu_flags(),
+                    reason="this CPU cannot run x86-64-v3 code")
+def test_a_build_for_avx2_only_cpus_computes_what_this_one_does(avx2_build):
+    """CPUs without AVX-512 get other code: 8-lane vectors, and bf16 rounding by bit arithmetic
+    instead of vcvtneps2bf16. Per lane the same multiply-adds in the same order, so the results agree
+    bit for bit (these inputs give no denormal conv outputs, which only the instruction flushes to
+    zero); conv1's weight gradient adds the lanes' partial sums in another order."""
+    torch.manual_seed(0)
+    conv1 = ConvPoolReLU(1, 32, 3, padding=1)
+    x1, g1 = torch.randn(16, 1, 28, 28), torch.randn(16, 32, 14, 14)
+    conv2 = ConvPoolReLU(32, 64, 3, padding=1).to(memory_format=CL)
+    x2, g2 = torch.randn(4, 32, 10, 12).contiguous(memory_format=CL).requires_grad_(), torch.randn(4, 64, 5, 6)
+    xp, gp = hard_input(torch.bfloat16, shape=(4, 32, 10, 12)).requires_grad_(), torch.randn(4, 32, 5, 6)
+
+    def results():
+        out = []
+        for bf16 in (False, True):  # conv2 in fp32: Winograd; in bf16: ATen's convolution, then the pool kernel
+            out += run(lambda x, c: kernels.conv_pool(x, c), x1, conv1, g1, bf16)
+            out += run(lambda x, c: kernels.conv_pool(x, c), x2.bfloat16() if bf16 else x2, conv2, g2, bf16)
+        xg = xp.detach().clone().requires_grad_()
+        out += [kernels.pool(xg, True)]
+        out[-1].backward(gp.bfloat16())
+        return out + [xg.grad]
+
+    native = results()
+    avx2_build()
+    assert kernels.status()["ops"]["conv3x3_pool2x2"]  # AVX2 vectors are the build's own: the conv ops run
+    portable = results()
+    for i, (a, b) in enumerate(zip(portable, native)):
+        if a is None:
+            assert b is None
+        elif i in (2, 3, 10, 11):  # conv1's weight and bias gradients
+            assert_close(a, b, **F32)
+        else:
+            assert_same(a, b)

@@ -112,9 +112,9 @@ def test_max_autotune_times_gemm_kernels_and_matches_eager(tmp_path, text_file, 
     monkeypatch.setattr(inductor_config, "force_disable_caches", True)
     # The GEMMs inductor templates here are attention's batched matmuls (not the Linear layers'),
     # which nnlab's attention kernel replaces: take SDPA's path so there is something to autotune.
-    from nnlab.nn import attention
+    from nnlab import kernels
 
-    monkeypatch.setattr(attention, "supports", lambda *a: False)
+    monkeypatch.setattr(kernels, "attention_applies", lambda *a: False)
     eager, compiled = compiled_losses(tmp_path, text_file, "train.precision=bf16",
                                       "train.compile_mode=max-autotune-no-cudagraphs")
     assert dynamo.utils.counters["inductor"]["select_algorithm_autotune"] > 0

@@ -44,7 +44,13 @@ def cmd_recipes(a) -> None:
         print(f"{name:{width}s}  {recipe_dict(name).get('description', '')}")
 
 
-VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "recipes": cmd_recipes}
+def cmd_info(a) -> None:
+    from nnlab.info import format_machine_info, machine_info
+
+    print(format_machine_info(machine_info()))
+
+
+VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "recipes": cmd_recipes, "info": cmd_info}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int)
     sub.add_parser("recipes", help="list the shipped recipes")
+    sub.add_parser("info", help="what decides speed here: CPU flags, precision=auto, torch, nnlab's kernels, CUDA")
     return p
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from nnlab.models import register
-from nnlab.nn import Conv2d, Dense, MaxPool2d, kernels
+from nnlab.nn import ConvPoolReLU, Dense
 
 
 @dataclass
@@ -37,27 +37,14 @@ class SeedCNN(nn.Module):
     def __init__(self, cfg: SeedCNNConfig):
         super().__init__()
         self.cfg = cfg
-        self.explicit = cfg.explicit  # set_explicit() flips this with every layer's
-        self.conv1 = Conv2d(cfg.in_channels, 32, 3, padding=1, explicit=cfg.explicit)
-        self.conv2 = Conv2d(32, 64, 3, padding=1, explicit=cfg.explicit)
-        self.pool = MaxPool2d(2, explicit=cfg.explicit)
+        # Each block is relu(maxpool2(conv(x))) (nnlab.nn.ConvPoolReLU).
+        self.conv1 = ConvPoolReLU(cfg.in_channels, 32, 3, padding=1, explicit=cfg.explicit)
+        self.conv2 = ConvPoolReLU(32, 64, 3, padding=1, explicit=cfg.explicit)
         self.fc1 = Dense(64 * 7 * 7, 128, explicit=cfg.explicit)
         self.fc2 = Dense(128, cfg.num_classes, explicit=cfg.explicit)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        if self.explicit:  # the article's order: ReLU, then pool
-            x = self.pool(torch.relu(self.conv1(x)))  # (B, 32, 14, 14)
-            x = self.pool(torch.relu(self.conv2(x)))  # (B, 64, 7, 7)
-        else:
-            # Max-pooling commutes with ReLU (max(relu(a), relu(b)) = relu(max(a, b))), and the
-            # gradients agree too, so pool first and run ReLU on 4x fewer values, in the same pass
-            # as the pooling where the fused kernel applies. At 28x28 these memory-bound ops were
-            # a third of a bf16 training step.
-            for conv in (self.conv1, self.conv2):
-                if kernels.supports_conv_pool(x, conv):  # nnlab's CPU kernels (nnlab.nn.kernels)
-                    x = kernels.conv_pool(x, conv, relu=True)
-                else:
-                    x = self.pool(conv(x), relu=True)
+        x = self.conv2(self.conv1(x))  # (B, 32, 14, 14), then (B, 64, 7, 7)
         return torch.relu(self.fc1(x.flatten(1)))  # (B, 128)
 
     def forward_head(self, h: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
-"""Layers with two paths: the article's explicit formula (from nnlab.ops) and PyTorch's fast kernel."""
+"""Layers with two readable paths (the article's formula from nnlab.ops, and torch's functional
+path) and, where nnlab.kernels has one that applies, a fast op."""
 
-from nnlab.nn import kernels
-from nnlab.nn.layers import Conv2d, Dense, MaxPool2d, SelfAttention
+from nnlab.nn.layers import Conv2d, ConvPoolReLU, Dense, MaxPool2d, SelfAttention
 
-__all__ = ["Conv2d", "Dense", "MaxPool2d", "SelfAttention", "kernels"]
+__all__ = ["Conv2d", "ConvPoolReLU", "Dense", "MaxPool2d", "SelfAttention"]

@@ -1,9 +1,10 @@
-"""The shared layers every model is built from, each with an explicit and a fast path.
+"""The shared layers every model is built from, each with two readable paths and, for some, a fast op.
 
 `explicit=True` computes the layer with the article's formula from `nnlab.ops` (readable, slow);
-`explicit=False` uses PyTorch's fused kernel (nn.functional). Both hold the same parameters in the
-same layout, so a model can switch paths after loading weights (`nnlab.models.set_explicit`) and
-the tests compare the two on the same weights.
+`explicit=False` uses torch's functional path (nn.functional), or nnlab's CPU kernel
+(`nnlab.kernels`) where that op's `*_applies` says it fits. All paths hold the same parameters in
+the same layout, so a model can switch after loading weights (`nnlab.models.set_explicit`), and the
+tests compare them on the same weights.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nnlab import ops
-from nnlab.nn import attention, kernels
+from nnlab import kernels, ops
 
 
 class Dense(nn.Linear):
@@ -43,26 +43,38 @@ class Conv2d(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
 
-class MaxPool2d(nn.Module):
-    """Non-overlapping k x k max pooling; forward(x, relu=True) also applies ReLU after it.
+class ConvPoolReLU(Conv2d):
+    """relu(maxpool2(X * W + b)): a convolution, ReLU, then 2x2 max-pooling, as the article's CNN
+    blocks compute them. The explicit path runs them in that order (nnlab.ops). The functional path
+    pools before its ReLU: the same function, since max(relu(a), relu(b)) = relu(max(a, b)) and the
+    gradients agree too, with ReLU on 4x fewer values. The fast path is nnlab.kernels.conv_pool."""
 
-    The fast path runs 2x2 pooling of a channels-last CPU tensor in nnlab's own fused kernel
-    (nn/kernels.c: no int64 indices, no zero-filled gradient, ReLU in the same pass), and
-    everything else in F.max_pool2d; both give the same values and gradients.
-    """
+    def forward(self, x: Tensor) -> Tensor:
+        if self.explicit:
+            c = ops.conv2d(x, self.weight, self.bias, stride=self.stride[0], padding=self.padding[0])
+            return ops.max_pool2d(torch.relu(c), 2)
+        if kernels.conv_pool_applies(x, self):
+            return kernels.conv_pool(x, self, relu=True)
+        c = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        if kernels.pool_applies(c):  # the pool kernel alone, where the conv kernels do not apply
+            return kernels.pool(c, relu=True)
+        return torch.relu(F.max_pool2d(c, 2))
+
+
+class MaxPool2d(nn.Module):
+    """Non-overlapping k x k max pooling. The fast path, for 2x2 windows where kernels.pool_applies
+    (channels-last CPU tensors), is nnlab.kernels.pool: the same values and gradients as F.max_pool2d."""
 
     def __init__(self, k: int = 2, explicit: bool = False):
         super().__init__()
         self.k, self.explicit = k, explicit
 
-    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.explicit:
-            y = ops.max_pool2d(x, self.k)
-        elif self.k == 2 and kernels.supports(x):
-            return kernels.pool2x2(x, relu)
-        else:
-            y = F.max_pool2d(x, self.k)
-        return torch.relu(y) if relu else y
+            return ops.max_pool2d(x, self.k)
+        if self.k == 2 and kernels.pool_applies(x):
+            return kernels.pool(x)
+        return F.max_pool2d(x, self.k)
 
 
 class SelfAttention(nn.Module):
@@ -70,9 +82,9 @@ class SelfAttention(nn.Module):
 
     The heads' W_Q, W_K, W_V are stacked into one (3*C, C) projection `qkv` (the layout of
     nn.MultiheadAttention's in_proj_weight), and the heads' outputs are concatenated and mixed by
-    `proj`. The explicit path runs ops.attention step by step. The fast path, on CPU, runs nnlab's
-    kernel (nn/attention.py) on the fused projection's output; elsewhere, and with a KV cache or
-    attention dropout, F.scaled_dot_product_attention (a flash kernel on CPU and GPU).
+    `proj`. The explicit path runs ops.attention step by step. The fast path, where
+    kernels.attention_applies (CPU, short sequences, no dropout), runs nnlab.kernels.attention on the
+    fused projection's output; elsewhere, and with a KV cache, F.scaled_dot_product_attention.
 
     forward(x, past_kv=None, need_weights=False, use_cache=False) -> (y, A or None, (K, V) or None)
       past_kv: cached (K, V) of earlier positions, each (B, n_head, T_past, d_k), for generation.
@@ -99,9 +111,9 @@ class SelfAttention(nn.Module):
         # Q, K, V, each (B, T, C) -> (B, n_head, T, d_k): every head attends independently (views).
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
         dropout = self.dropout if self.training else 0.0
-        if not (self.explicit or need_weights or past_kv is not None) and attention.supports(qkv, self.n_head, dropout):
-            # nnlab's CPU kernel (nn/attention.c): every head in one call, straight from qkv.
-            y = attention.fused_attention(qkv, self.n_head, self.causal)  # (B, T, C)
+        if not (self.explicit or need_weights or past_kv is not None) and kernels.attention_applies(
+                qkv, self.n_head, dropout):
+            y = kernels.attention(qkv, self.n_head, self.causal)  # all heads in one call, from qkv: (B, T, C)
             return self.resid_drop(self.proj(y)), None, (k, v) if use_cache else None
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
@@ -134,15 +146,11 @@ class SelfAttention(nn.Module):
 def _math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, dropout: float) -> Tensor:
     """SDPA's math kernel (matmul + softmax), called by name, for bf16 on CPU.
 
-    Why not let SDPA choose: its flash kernel's bf16 backward ran 3-4x slower than matmul + softmax
-    (134 vs 41 ms for a ViT batch of 256 x 4 heads x 50 tokens, d_k 32; 5.3 vs 1.9 ms for the baby
-    GPT; 2-core AMX Xeon); in fp32 flash is the faster one (29 vs 61 ms), so only bf16 on CPU comes
-    here. Why not the `sdpa_kernel(SDPBackend.MATH)` context: inside
-    torch.compile's graph it is a call AOTAutograd's cache cannot key, so every compile retraced
-    the joint graph: a warm compile of the baby GPT took 6.2-7.7 s, against 3.0-3.5 s with this
-    call, and compiled steps ran as fast (interleaved in one process: 22.2 against 25.0 ms at batch
-    12, 48.5 against 49.2 at batch 32). The op is private to torch: tests/test_attention.py checks
-    that it stays bit-identical to SDPA, so a torch upgrade that changes it fails there.
+    Why not let SDPA choose: on CPU its flash kernel's bf16 backward is several times slower than
+    matmul + softmax (in fp32 flash is the faster one). Why not the `sdpa_kernel(SDPBackend.MATH)`
+    context: inside torch.compile's graph AOTAutograd's cache cannot key it, so every compile
+    retraces. The op is private to torch: tests/test_attention.py checks that it stays
+    bit-identical to SDPA, so a torch upgrade that changes it fails there.
     """
     if mask is not None:  # the kernel adds a float mask; a bool one is converted first, as SDPA does
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))

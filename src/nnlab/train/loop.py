@@ -19,16 +19,18 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from nnlab import kernels
 from nnlab import run as runfolder
 from nnlab.config import Config, load_config
 from nnlab.errors import ConfigError, NnlabError
+from nnlab.info import machine_info
 from nnlab.models import build_model
 from nnlab.tasks import Task, lr_at, make_task
 from nnlab.train import distributed
 from nnlab.train.allocator import tune_allocator
 from nnlab.train.checkpoint import atomic_write_text, load_tensors, save_tensors, state_from_flat, state_to_flat
 from nnlab.train.log import RunLogger
-from nnlab.train.optim import clip_grad_norm, make_optimizer
+from nnlab.train.optim import make_optimizer
 from nnlab.train.precision import autocast, resolve_precision
 
 CKPT = "checkpoints/last.safetensors"
@@ -157,7 +159,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
             step += 1
             continue
         if t.grad_clip > 0:
-            clip_grad_norm(params, t.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -206,7 +208,8 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
         summary = {"recipe": cfg.recipe, "model": cfg.model["name"], "steps": step, "train_seconds": round(train_seconds, 2),
                    **speed, "params": n_params, **metrics, "precision": precision, "precision_reason": precision_why,
                    "allocator": allocator,
-                   "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed, **runfolder.provenance()}
+                   "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed, **runfolder.provenance(),
+                   "machine": machine_info(), "kernels_used": kernels.used()}
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         rate = (f"; {speed[f'{unit}_per_s']:,.0f} {unit}/s after a first step of {first_step_seconds:.2f} s"
                 if steady_steps else "")

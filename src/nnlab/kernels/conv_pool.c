@@ -1,131 +1,32 @@
-/* nnlab's CPU kernels, for what ATen does slowly on the article's CNN. Loaded by kernels.py.
+/* The convolutions of the article's CNN fused with the 2x2 max-pool (+ReLU) that follows them.
 
-   1. pool2x2_*: 2x2, stride-2 max pooling fused with an optional ReLU, over channels-last
-      (N, H, W, C) memory.
-   2. conv3x3_pool2x2_*: a 3x3 convolution (padding 1) of a one-channel image, then 2x2 max-pool
-      and an optional ReLU, in one pass (further below).
-   3. conv3x3_pool2x2_wgrad: the weight gradient of a many-channel 3x3 convolution followed by 2x2
-      max-pool, from the pooled gradient (at the end).
-
-   ---- 1. pool2x2 ----
-
-   Why by hand: ATen's CPU max-pool writes int64 indices in forward, and its backward zero-fills
-   the whole input gradient before scattering into it. For the article's CNN (64x32x28x28 bf16)
-   those passes cost more than the pooling itself. Here the forward writes one byte per output
-   (which of the 4 window positions won), and the backward writes every input-gradient element
-   exactly once, so nothing is zero-filled. The C loop over channels is contiguous, so the
-   compiler vectorizes it; OpenMP splits the rows among the threads of the OpenMP runtime that
-   torch has already loaded (the same libgomp, so the thread count torch sets applies here too).
-
-   Semantics match F.max_pool2d(x, 2) then torch.relu exactly: the first maximum in the order
-   (0,0), (0,1), (1,0), (1,1) wins ties; a NaN wins over any number (a later NaN over an earlier
-   one, as in ATen's kernel); with relu, an output <= 0 becomes 0 and passes no gradient, while
-   NaN passes through (as torch.relu and its backward do). Code 4 marks "no gradient".
-   H and W must be even; the caller falls back to ATen otherwise. */
+   1. conv3x3_pool2x2_fwd/bwd: a 3x3 convolution (padding 1) of a one-channel image, then 2x2
+      max-pool and an optional ReLU, in one pass; its backward gives the weight and bias gradients.
+   2. conv3x3_pool2x2_wgrad: the weight and bias gradients of a many-channel 3x3 convolution
+      followed by 2x2 max-pool, from the pooled gradient, at the windows' winners only.
+   Winner codes are pool.c's: 0-3 the window position that won, 4 no gradient. */
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "bf16.h"
 #include "simd.h"
 
-static inline float f32_to_float(float v) { return v; }
+/* ---- 1. conv3x3_pool2x2: one input channel ----
 
-/* One output pixel's C channels. The drivers below call these with C as a literal for the common
-   widths, so the channel loop compiles to whole vectors: with C known only at run time, gcc's
-   vector loop ran only for C >= 32 and a scalar remainder loop did the rest, which made
-   fmnist-speedrun's C=16 pooling slower than ATen's. */
-#define POOL_KERNELS(NAME, T, U, TO_FLOAT)                                                            \
-static inline __attribute__((always_inline)) void pool_fwd_px_##NAME(                             \
-        const T *restrict p0, const T *restrict p1, const T *restrict p2, const T *restrict p3,      \
-        T *restrict y, uint8_t *restrict code, long C, int relu) {                                 \
-    for (long c = 0; c < C; c++) {                                                                 \
-        float m = TO_FLOAT(p0[c]), v;                                                              \
-        T out = p0[c];                                                                             \
-        uint8_t k = 0;                                                                             \
-        v = TO_FLOAT(p1[c]); if (v > m || v != v) { m = v; out = p1[c]; k = 1; }                   \
-        v = TO_FLOAT(p2[c]); if (v > m || v != v) { m = v; out = p2[c]; k = 2; }                   \
-        v = TO_FLOAT(p3[c]); if (v > m || v != v) { m = v; out = p3[c]; k = 3; }                   \
-        if (relu && m <= 0.0f) { out = (T)0; k = 4; }                                              \
-        y[c] = out;                                                                                \
-        code[c] = k;                                                                               \
-    }                                                                                              \
-}                                                                                                  \
-                                                                                                   \
-static inline __attribute__((always_inline)) void pool_bwd_px_##NAME(                             \
-        const U *restrict g, const uint8_t *restrict code, U *restrict q0, U *restrict q1,          \
-        U *restrict q2, U *restrict q3, long C) {                                                  \
-    for (long c = 0; c < C; c++) {                                                                 \
-        U v = g[c], k = code[c];  /* on the bits: v & a mask of all ones or of zeros */            \
-        q0[c] = v & -(U)(k == 0);                                                                  \
-        q1[c] = v & -(U)(k == 1);                                                                  \
-        q2[c] = v & -(U)(k == 2);                                                                  \
-        q3[c] = v & -(U)(k == 3);                                                                  \
-    }                                                                                              \
-}                                                                                                  \
-                                                                                                   \
-void pool2x2_fwd_##NAME(const T *restrict x, T *restrict y, uint8_t *restrict code,               \
-                        long N, long H, long W, long C, int relu, int threads) {                  \
-    long Ho = H / 2, Wo = W / 2;                                                                   \
-    _Pragma("omp parallel for collapse(2) num_threads(threads)")                                   \
-    for (long n = 0; n < N; n++)                                                                   \
-        for (long i = 0; i < Ho; i++)                                                              \
-            for (long j = 0; j < Wo; j++) {                                                        \
-                const T *p0 = x + ((n * H + 2 * i) * W + 2 * j) * C;                               \
-                const T *p1 = p0 + C, *p2 = p0 + W * C, *p3 = p2 + C;                              \
-                long o = ((n * Ho + i) * Wo + j) * C;                                              \
-                if (C == 16) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 16, relu);        \
-                else if (C == 32) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 32, relu);   \
-                else if (C == 64) pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, 64, relu);   \
-                else pool_fwd_px_##NAME(p0, p1, p2, p3, y + o, code + o, C, relu);                 \
-            }                                                                                      \
-}                                                                                                  \
-                                                                                                   \
-void pool2x2_bwd_##NAME(const U *restrict gy, const uint8_t *restrict code, U *restrict gx,       \
-                        long N, long H, long W, long C, int threads) {                            \
-    long Ho = H / 2, Wo = W / 2;                                                                   \
-    _Pragma("omp parallel for collapse(2) num_threads(threads)")                                   \
-    for (long n = 0; n < N; n++)                                                                   \
-        for (long i = 0; i < Ho; i++)                                                              \
-            for (long j = 0; j < Wo; j++) {                                                        \
-                U *q0 = gx + ((n * H + 2 * i) * W + 2 * j) * C;                                    \
-                U *q1 = q0 + C, *q2 = q0 + W * C, *q3 = q2 + C;                                    \
-                long o = ((n * Ho + i) * Wo + j) * C;                                              \
-                if (C == 16) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 16);             \
-                else if (C == 32) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 32);        \
-                else if (C == 64) pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, 64);        \
-                else pool_bwd_px_##NAME(gy + o, code + o, q0, q1, q2, q3, C);                      \
-            }                                                                                      \
-}
+   With one input channel the convolution is 9 multiply-adds per output, so ATen's version is all
+   memory traffic: it writes the full-size (N, C, H, W) conv output, reads it to pool, and in
+   backward writes its gradient back at full size. Here only the pooled (N, H/2, W/2, C) output and
+   the 1-byte winner codes are written, and the weight gradient is summed straight from the pooled
+   gradient: the winner's 3x3 input patch times its gradient. No input gradient is computed.
 
-POOL_KERNELS(bf16, uint16_t, uint16_t, bf16_to_float)  /* bf16 as its bits: (T)0 is +0.0 */
-POOL_KERNELS(f32, float, uint32_t, f32_to_float)
-
-/* ---- 2. conv3x3_pool2x2 ----
-
-   The article's first block, conv 1->C (3x3, pad 1) -> max-pool 2 -> ReLU, as one kernel. With one
-   input channel the convolution is 9 multiply-adds per output, so ATen's version is all memory
-   traffic: it writes the (N, C, H, W) conv output (3.2 MB in bf16 for the article's batch), reads it
-   to pool, and in backward writes its gradient back at full size to compute a 3x3 weight gradient.
-   Here only the pooled (N, H/2, W/2, C) output and the 1-byte winner codes are written, and the
-   weight gradient is summed straight from the pooled gradient: the winner's 3x3 input patch times
-   its gradient. The input gradient is not computed (the caller uses this only when the input needs
-   none).
-
-   The forward takes x (N, H, W), the weights (C, 9) and the bias (C) or NULL as the module holds them
-   (fp32), and writes xpad: x zero-padded to (N, H+2, W+2), rounded to bf16 in bf16 mode, which the
-   backward reads. (Done by torch ops, this preparation took ~170 us of a batch-64 forward.) In bf16
-   mode x, W and b are rounded to bf16 first, as autocast rounds a bf16 convolution's inputs, and
-   each conv output is rounded to bf16 (round to nearest even) before the max, as its output is.
+   The forward takes x (N, H, W), the weights (C, 9) and the bias (C) or NULL as the module holds
+   them (fp32), and writes xpad: x zero-padded to (N, H+2, W+2), rounded to bf16 in bf16 mode, which
+   the backward reads. In bf16 mode x, W and b are rounded to bf16 first, as autocast rounds a bf16
+   convolution's inputs, and each conv output is rounded to bf16 before the max, as its output is.
    Float accumulation order differs from oneDNN's, so values agree to rounding, not bit for bit. */
-/* 1 where the conv kernels' vectors are the CPU's own: AVX-512 (16 floats) or AVX2 (8). With
-   16-float vectors everywhere, as first written, gcc split them in two on AVX2, spilled the
-   register-blocked accumulators and converted codes lane by lane: a seed-cnn fp32 step with every
-   library held to AVX2 (on the AMX Xeon) took 41.5 ms with them against 26.0 with ATen's. With
-   8-float vectors there (and one vector per block in the weight gradient, whose 18 accumulators
-   would not fit AVX2's 16 registers), the same step took 0.72x [0.57-0.79] the time with them as
-   without (interleaved, 14 rounds). kernels.py uses them only where this returns 1. */
+/* 1 where the conv kernels' vectors are the CPU's own and fast: AVX-512 or AVX2 (with narrower
+   vectors they are slower than ATen's). The Python side uses them only where this returns 1. */
 int conv_kernels_native(void) {
 #if defined(__AVX512F__) || defined(__AVX2__)
     return 1;
@@ -148,9 +49,7 @@ static inline vf load_grad(const void *p, long o, int bf16) {
 
 /* The windows of one output row (n, i), LANES channels from c0. The channel block is the outer loop so
    that its 9 weight vectors and bias stay in registers along the row, and each multiply-add reads
-   its input pixel straight from xpad. The first version copied each window's 36 taps into an array
-   and reloaded the weights for every window; against it this one took 0.78x the time in fp32
-   (interleaved runs, AMX Xeon), and 0.71x in bf16 together with the rounding instruction above. */
+   its input pixel straight from xpad. */
 static inline __attribute__((always_inline)) void fwd_row(
         const float *restrict x0, long Wp, long Wo, const float *restrict w, const float *restrict b, long C,
         long c0, void *restrict y, uint8_t *restrict code, int bf16, int relu) {
@@ -225,8 +124,7 @@ int conv3x3_pool2x2_fwd(const float *restrict x, const float *restrict w, const 
 
 /* One output row's share of the weight and bias gradients, LANES channels from c0: each window's
    winner's 3x3 patch times its gradient, summed in registers along the row (9 taps + bias), then
-   added to this thread's partial sums tw (9, C) and tb (C). The first version added every window
-   into tw in memory; this one took 0.80x its time in fp32, 0.92x in bf16. */
+   added to this thread's partial sums tw (9, C) and tb (C). */
 static inline __attribute__((always_inline)) void bwd_row(
         const float *restrict x0, long Wp, long Wo, const void *restrict gy, const uint8_t *restrict code, long C,
         long c0, int bf16, float *restrict tw, float *restrict tb) {
@@ -269,26 +167,23 @@ void conv3x3_pool2x2_bwd(const void *restrict gy, const uint8_t *restrict code, 
     }
 }
 
-/* ---- 3. conv3x3_pool2x2_wgrad ----
+/* ---- 2. conv3x3_pool2x2_wgrad: many input channels ----
 
    The weight and bias gradients of a 3x3 convolution (padding 1, Cin -> Cout channels) followed by
-   2x2 max-pool (and ReLU), for seed-cnn's second block, straight from the pooled gradient. Only a
-   window's winner receives gradient, so
+   2x2 max-pool (and ReLU), straight from the pooled gradient. Only a window's winner receives
+   gradient, so
        dW[co][t][ci] = sum over (n, i, j) of gy[n,i,j,co] * x[n, winner(n,i,j,co) + tap t - (1,1), ci]
    is a quarter of the multiply-adds of the dense weight gradient that ATen computes from the
-   zero-filled full-size gradient. Each output channel co picks its own winners, so this is a gather,
-   not a matrix product: it runs on vector FMAs, where oneDNN's dense version runs on AMX tiles, and
-   still took 0.74x oneDNN's time in bf16 on the AMX Xeon, 0.43x in fp32 (kernels.py has the figures).
-   Its FMAs read their operand from memory, and ran at about one per cycle per core: the bound here.
+   zero-filled full-size gradient. Each output channel picks its own winners, so this is a gather on
+   vector FMAs, not a matrix product.
 
    x: the convolution's input, channels-last (N, H, W, Cin), bf16 or fp32; gy, code: the pooled
    output's gradient and winner codes (N, H/2, W/2, Cout), as pool2x2 writes them. Cin and Cout must
    be multiples of 16. Writes gw (Cout, 9, Cin) and gb (Cout): each thread sums its images into its
-   own partial sums, which are added at the end (in a fixed order: the result does not depend on
-   timing). Accumulation is in fp32, in bf16 mode too. Returns 0, or -1 if scratch memory could not
-   be allocated (gw, gb then hold garbage). The partial sums live here, not in the caller's tensors:
-   zero-filling and adding them with torch ops took 130-150 us inside a training step (timed around
-   each call, batch 64), ~40 us in isolation. */
+   own partial sums (here, not in the caller's tensors: zero-filling and adding those with torch ops
+   cost more than the sums), added at the end in a fixed order, so the result does not depend on
+   timing. Accumulation is in fp32, in bf16 mode too. Returns 0, or -1 if scratch memory could not
+   be allocated (gw, gb then hold garbage). */
 
 /* dw (9 taps, channels c0.. of Cin) += the sum over the m windows of gv[e] times the 3x3 patch whose
    top-left pixel is off[e] in xb, one (H+2, W+2, NV*LANES) block of channels. NV = 1 or 2 vectors:
@@ -336,8 +231,8 @@ int conv3x3_pool2x2_wgrad(const void *restrict x, const void *restrict gy, const
         int32_t *off = malloc(P * sizeof *off), *corner = malloc(P * sizeof *corner);
         float *gv = malloc(P * sizeof *gv);
         const int32_t step[5] = {0, 1, (int32_t)Wp, (int32_t)Wp + 1, 0};  /* winner code -> pixel offset */
-        const int mine = !xf || !off || !corner || !gv;
-        if (mine) {
+        const int no_scratch = !xf || !off || !corner || !gv;
+        if (no_scratch) {
             _Pragma("omp atomic write")
             failed = 1;
         } else {
@@ -348,7 +243,7 @@ int conv3x3_pool2x2_wgrad(const void *restrict x, const void *restrict gy, const
         /* Every thread reaches the loop's implicit barrier, even one whose allocation failed. */
         _Pragma("omp for schedule(static)")
         for (long n = 0; n < N; n++) {
-            if (mine) continue;
+            if (no_scratch) continue;
             for (long y = 0; y < H; y++)
                 for (long xx = 0; xx < W; xx++) {
                     long s = ((n * H + y) * W + xx) * Cin, d = ((y + 1) * Wp + xx + 1) * B;

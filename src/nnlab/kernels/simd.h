@@ -1,4 +1,4 @@
-/* Vector helpers shared by kernels.c and winograd.c. */
+/* bf16 conversions and the vector helpers every kernel shares. */
 #ifndef NNLAB_SIMD_H
 #define NNLAB_SIMD_H
 #include <stdint.h>
@@ -7,16 +7,36 @@
 #include <immintrin.h>
 #endif
 
-/* The conv kernels (kernels.c, winograd.c) work on LANES channels at a time in GCC vector types as
-   wide as the CPU's own (16 floats with AVX-512, 8 with AVX2), with their accumulators in registers
-   (kernels.c's forward: one per window position, through the 9 taps; its backward: one per tap,
-   along a row of windows). Written as plain loops over c, the compiler kept them in memory, and
-   those kernels ran 3x (forward) and 7x (backward) slower. C must be a multiple of 16 (kernels.py
-   checks). */
+/* ---- bf16 as its 16 bits: the top half of a float's ---- */
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* The bf16 nearest to f, ties to even, as torch's float -> bfloat16 cast rounds (a NaN stays a NaN). */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+/* ---- vectors as wide as the CPU's own: LANES floats ----
+
+   GCC vector types of the CPU's width (16 floats with AVX-512, 8 with AVX or AVX2, 4 otherwise), so
+   accumulators stay in registers: wider types get split and spilled, and plain loops over channels
+   kept them in memory. Channel counts are whole multiples of LANES (the Python side checks). */
 #if defined(__AVX512F__)
 #define LANES 16
-#else
+#elif defined(__AVX__)
 #define LANES 8
+#else
+#define LANES 4
 #endif
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
@@ -28,9 +48,9 @@ static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 static inline vi viselect(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
-/* LANES winner codes, widened to 32 bits. gcc 12 compiles __builtin_convertvector from bytes into
-   ~40 scalar extracts and inserts, so x86 CPUs get the widening instruction itself: conv3x3_pool2x2_bwd
-   then took 0.59x its time (interleaved, AMX Xeon, bf16 and fp32), with the same output bits. */
+
+/* LANES winner codes, widened to 32 bits. gcc compiles __builtin_convertvector from bytes into
+   scalar extracts and inserts, so x86 CPUs get the widening instruction itself. */
 static inline vi load_codes(const uint8_t *p) {
 #if defined(__AVX512F__)
     return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -43,9 +63,14 @@ static inline vi load_codes(const uint8_t *p) {
 #endif
 }
 
+static inline void store_codes(uint8_t *p, vi code) {
+    vb codes = __builtin_convertvector(code, vb);
+    memcpy(p, &codes, sizeof codes);
+}
+
 #if defined(__AVX512BF16__)
-/* The CPU's own conversion (vcvtneps2bf16): one instruction for the ~7 below. Nearest even, and a
-   NaN stays NaN, as below; unlike below, it flushes denormals to zero. */
+/* The CPU's own conversion (vcvtneps2bf16): nearest even, a NaN stays NaN, as below; unlike below,
+   it flushes denormals to zero. */
 static inline vf vround_bf16(vf f) {
     __m256bh h = _mm512_cvtneps_pbh((__m512)f);
     return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16);
@@ -78,11 +103,6 @@ static inline vf window_max(const vf v[4], int relu, vi *code) {
     }
     *code = kk;
     return m;
-}
-
-static inline void store_codes(uint8_t *p, vi code) {
-    vb codes = __builtin_convertvector(code, vb);
-    memcpy(p, &codes, sizeof codes);
 }
 
 #endif

@@ -1,24 +1,21 @@
 /* A 3x3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(2x2, 3x3) (Lavin and
    Gray, "Fast Algorithms for Convolutional Neural Networks", 2015), fp32, channels-last, optionally
-   followed by 2x2 max-pool and ReLU in the same pass. Loaded by kernels.py.
+   followed by 2x2 max-pool and ReLU in the same pass.
 
-   Why: in fp32 the conv kernels' ATen convolution (oneDNN) of seed-cnn's second block already ran at
-   about the CPU's FMA peak, so only fewer multiply-adds could make it faster. F(2x2, 3x3) computes
-   each 2x2 output tile from a 4x4 input tile with 16 products per channel pair instead of 36:
+   Why: in fp32 oneDNN's direct convolution of seed-cnn's second block runs at about the CPU's FMA
+   peak, so only fewer multiply-adds can be faster. F(2x2, 3x3) computes each 2x2 output tile from a
+   4x4 input tile with 16 products per channel pair instead of 36:
        Y = A^T [ (G g G^T) . (B^T d B) ] A
    (g: a 3x3 filter, d: a 4x4 input tile, ".": elementwise). With U = G g G^T precomputed per filter
-   (by kernels.py, in torch), a convolution becomes, for each of the 16 tile positions k, one matrix
-   product M[k] (tiles x Cout) = V[k] (tiles x Cin) @ U[k] (Cin x Cout), between two transforms that
-   only add and subtract. Rounding differs from a direct convolution by a few ulps of the largest
-   terms (tests/test_kernels.py bounds it against float64).
+   (on the Python side, in torch), a convolution becomes, for each of the 16 tile positions k, one
+   matrix product M[k] (tiles x Cout) = V[k] (tiles x Cin) @ U[k] (Cin x Cout), between two
+   transforms that only add and subtract. Rounding differs from a direct convolution by a few ulps
+   of the largest terms (tests/test_kernels.py bounds it against float64).
 
-   The transforms and products run on blocks of TB tiles at a time, in scratch of each thread's own,
-   so V and M stay in cache (16 x TB x C floats each) instead of making round trips to memory. Held
-   to AVX2, against oneDNN's convolution (+ the pool kernel), the first version (whole-batch
-   transforms around torch.bmm) took 0.67-0.86x its time in forward and 0.83-0.99x for the input
-   gradient (3 rounds); this one 0.64x and 0.68x (medians of 9 interleaved rounds).
-   Each output tile of the 2x2 pooling variant is exactly one pooling window, so its pooled value and
-   winner code come straight from the tile, and the full-size convolution output is never written.
+   The transforms and products run on blocks of TB tiles at a time, in each thread's own scratch, so
+   V and M stay in cache (16 x TB x C floats each). Each output tile of the pooling variant is
+   exactly one pooling window, so its pooled value and winner code come straight from the tile, and
+   the full-size convolution output is never written.
 
    x: (N, H, W, C); U: (16, C, O); y: (N, H, W, O), or with pool (N, H/2, W/2, O) plus the winner
    codes (as pool2x2 writes them). H and W even, C a multiple of LANES, O of 2 LANES. */
@@ -66,8 +63,8 @@ static void transform_input(const float *restrict x, float *restrict V, long t0,
 }
 
 /* M[k] (TB x O) = V[k] (TB x C) @ U[k] (C x O), RB rows x 2 vectors at a time. A scalar of V times
-   a vector of U compiles to one broadcast from memory per row; (vf){0} + scalar, tried first, to an
-   add and a broadcast, which made the products 1.3x slower. */
+   a vector of U compiles to one broadcast from memory per row ((vf){0} + scalar to an add and a
+   broadcast). */
 static void products(const float *restrict V, const float *restrict U, float *restrict M, long C, long O) {
     for (int k = 0; k < 16; k++) {
         const float *A = V + k * TB * C, *B = U + k * C * O;

@@ -1,11 +1,9 @@
-/* Self-attention for short sequences, forward and backward, on the CPU. Loaded by kernels.py.
+/* Self-attention for short sequences, forward and backward, on the CPU.
 
-   Why by hand: the baby GPT's attention (batch 12, 4 heads, 64 tokens, d_k 32) is 48 products of
-   64x64 matrices per layer. ATen runs each step of it (QK^T, mask, softmax, AV, and five more in
-   backward) as a separate batched op with its own dispatch, allocation and memory pass, and its
-   bf16 batched matmuls pay oneDNN's per-call setup. In a compiled bf16 training step attention
-   took ~13 of ~33 ms. Here one call per direction does a whole (batch, head) pair at a time in
-   a thread's L1/L2: Q, K, V (and in backward O, dO) are copied once into fp32 scratch, the T x T
+   Why by hand: for short sequences attention is many small matrix products. ATen runs each step of
+   it (QK^T, mask, softmax, AV, and five more in backward) as a separate batched op with its own
+   dispatch, allocation and memory pass, and its bf16 batched matmuls pay oneDNN's per-call setup.
+   Here one call per direction does a whole (batch, head) pair at a time in a thread's L1/L2: Q, K, V (and in backward O, dO) are copied once into fp32 scratch, the T x T
    scores stay in that scratch, and nothing else is written but the results.
 
    Layout: qkv is the fused projection's output, (B, T, 3C) row-major, C = H * D, with query,
@@ -16,59 +14,45 @@
    (as flash attention does). All arithmetic is fp32; bf16 tensors are widened on load and
    rounded to nearest even on store, so bf16 results differ from fp32 ones by that rounding only.
 
-   The products use GCC vector types as wide as the CPU's own vectors (VL below: 16 floats with
-   AVX-512, 8 with AVX2), not kernels.c's fixed 16, which gcc split and spilled on AVX2. */
+   The products use simd.h's vectors, as wide as the CPU's own (LANES floats). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "bf16.h"
+#include "simd.h"
 
 /* The products below are small (T x T and T x D per (batch, head) pair) and stay in L1/L2, so
    what bounds them is loads and the FMAs' latency, not memory: an MR-row x 2-vector register tile
    loads 2 vectors of B and MR scalars of A for its 2 MR FMAs per k. MR = 8 where AVX-512's 32
-   registers hold the 16 sums (0.95-0.98x the time of MR = 4 there, forward and backward, fp32
-   and bf16, interleaved on the AMX Xeon), else 4 (AVX2 has 16 registers). VL is the CPU's vector
-   width in floats; every scratch row is padded to a multiple of NV = 2 VL columns (zeros), so no
+   registers hold the 16 sums, else 4 (AVX2 has 16 registers). LANES is the CPU's vector
+   width in floats; every scratch row is padded to a multiple of NV = 2 LANES columns (zeros), so no
    tile needs a remainder loop. */
-#if defined(__AVX512F__)
-#define VL 16
-#elif defined(__AVX__)
-#define VL 8
-#else
-#define VL 4
-#endif
-#define NV (2 * VL)
-#if VL == 16
+#define NV (2 * LANES)
+#if LANES == 16
 #define MR 8
 #else
 #define MR 4
 #endif
-typedef float vec __attribute__((vector_size(VL * 4)));
 
-static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
 static inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
-typedef int32_t ivec __attribute__((vector_size(VL * 4)));
-static inline vec splat(float x) { return (vec){0} + x; }
-static inline vec vsel(ivec m, vec a, vec b) { return (vec)(((ivec)a & m) | ((ivec)b & ~m)); }
-static inline ivec lane_index(void) {
-    ivec l;
-    for (int i = 0; i < VL; i++) l[i] = i;
+static inline vf splat(float x) { return (vf){0} + x; }
+static inline vi lane_index(void) {
+    vi l;
+    for (int i = 0; i < LANES; i++) l[i] = i;
     return l;
 }
 /* The largest lane (a NaN lane loses every comparison, as in a scalar max loop) and the sum of the
-   lanes, pairwise: log2(VL) shuffles each. */
-static inline float hmax(vec v) {
-    for (int s = VL / 2; s > 0; s /= 2) {
-        const vec w = __builtin_shuffle(v, lane_index() ^ s);
-        v = vsel(w > v, w, v);
+   lanes, pairwise: log2(LANES) shuffles each. */
+static inline float hmax(vf v) {
+    for (int s = LANES / 2; s > 0; s /= 2) {
+        const vf w = __builtin_shuffle(v, lane_index() ^ s);
+        v = vselect(w > v, w, v);
     }
     return v[0];
 }
-static inline float hsum(vec v) {
-    for (int s = VL / 2; s > 0; s /= 2) v += __builtin_shuffle(v, lane_index() ^ s);
+static inline float hsum(vf v) {
+    for (int s = LANES / 2; s > 0; s /= 2) v += __builtin_shuffle(v, lane_index() ^ s);
     return v[0];
 }
 
@@ -87,33 +71,32 @@ static inline float hsum(vec v) {
    in [-87, 0] (checked one by one, with FMAs as built here); 0 below -87 (where e^x would be
    denormal), NaN for NaN. n = rint(x log2 e) by adding and subtracting 1.5 * 2^23, exact for
    |x log2 e| < 2^22, the product rounded first (SEPARATE), as rintf would take it: every float in
-   [-88, 0] gives the same bits as the scalar version this replaced (checked one by one, AVX-512
-   and AVX2 builds). With that scalar version in loops gcc vectorized, the softmax took ~7,900 of
-   a forward's ~16,900 TSC cycles per (batch, head) pair of the baby GPT (fp32, AMX Xeon). */
-static inline vec vexp_nonpos(vec x) {
-    const ivec under = x < splat(-87.0f);
-    const vec xc = vsel(under, splat(-87.0f), x);
-    vec t = xc * 1.44269504088896341f;
+   [-88, 0] gives the same bits as a scalar rintf-based version (checked one by one, AVX-512 and
+   AVX2 builds), on whole vectors. */
+static inline vf vexp_nonpos(vf x) {
+    const vi under = x < splat(-87.0f);
+    const vf xc = vselect(under, splat(-87.0f), x);
+    vf t = xc * 1.44269504088896341f;
     SEPARATE(t);
-    vec n = t + 12582912.0f;
+    vf n = t + 12582912.0f;
     SEPARATE(n);
     n = n - 12582912.0f;
-    vec r = xc - n * 0.693359375f;
+    vf r = xc - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
-    vec p = splat(1.9875691500e-4f);
+    vf p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-    return vsel(under, (vec){0}, p * (vec)bits);
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return vselect(under, (vf){0}, p * (vf)bits);
 }
 
 /* log(x) for normal x > 0: e ln2 + log(m), x = m 2^e with m in [sqrt(1/2), sqrt(2)), and Cephes'
-   polynomial for log(m). Branch-free, so a loop over the rows' sums vectorizes (logf was a
-   library call per row: a tenth of the forward's time). Within 1 ulp of glibc's logf at every float
+   polynomial for log(m). Branch-free, so a loop over the rows' sums vectorizes (logf is a
+   library call per row). Within 1 ulp of glibc's logf at every float
    in [1, 2^24] (checked one by one), which holds every row's sum for T <= 2^24. */
 static inline float log_pos(float x) {
     uint32_t bits;
@@ -146,11 +129,11 @@ static inline float log_pos(float x) {
    row stride ldb. */
 static inline void tile(float *restrict c, long ldc, const float *restrict a, long sai, long sak,
                         const float *restrict b, long ldb, long k0, long k1) {
-    vec acc[MR][2];
+    vf acc[MR][2];
     _Pragma("GCC unroll 8")
-    for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = (vec){0};
+    for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = (vf){0};
     for (long k = k0; k < k1; k++) {
-        const vec b0 = vload(b + k * ldb), b1 = vload(b + k * ldb + VL);
+        const vf b0 = vload(b + k * ldb), b1 = vload(b + k * ldb + LANES);
         const float *ak = a + k * sak;
         _Pragma("GCC unroll 8")
         for (int r = 0; r < MR; r++) {
@@ -159,7 +142,7 @@ static inline void tile(float *restrict c, long ldc, const float *restrict a, lo
         }
     }
     _Pragma("GCC unroll 8")
-    for (int r = 0; r < MR; r++) vstore(c + r * ldc, acc[r][0]), vstore(c + r * ldc + VL, acc[r][1]);
+    for (int r = 0; r < MR; r++) vstore(c + r * ldc, acc[r][0]), vstore(c + r * ldc + LANES, acc[r][1]);
 }
 
 /* C (M x N, row stride ldc) = A B with k in [0, K), where a causal product skips what the mask
@@ -196,29 +179,28 @@ static float *scratch_alloc(Scratch *s, long T, long D) {
     return buf;
 }
 
-/* dst[c][r] = src[r][c] for one VL x VL block (row strides ld, ls), in registers: round h swaps the
-   off-diagonal h x h blocks of every 2h x 2h block, two shuffles per pair of rows. With a scalar
-   transpose (a load and a store per element) K's load took ~3,000 cycles per (batch, head) pair
-   of the baby GPT (T 64, D 32), V's without one ~800; with this, K's took ~2,400 (AMX Xeon). */
+/* dst[c][r] = src[r][c] for one LANES x LANES block (row strides ld, ls), in registers: round h swaps the
+   off-diagonal h x h blocks of every 2h x 2h block, two shuffles per pair of rows (a scalar
+   transpose costs a load and a store per element). */
 static inline void transpose_block(float *restrict dst, long ld, const float *restrict src, long ls) {
-    vec r[VL];
-    for (int i = 0; i < VL; i++)
+    vf r[LANES];
+    for (int i = 0; i < LANES; i++)
         r[i] = vload(src + i * ls);
     _Pragma("GCC unroll 4")
-    for (int h = VL / 2; h > 0; h /= 2) {
-        ivec keep, take;  /* lane sources in (row i, row i + h): for row i, then for row i + h */
+    for (int h = LANES / 2; h > 0; h /= 2) {
+        vi keep, take;  /* lane sources in (row i, row i + h): for row i, then for row i + h */
         _Pragma("GCC unroll 16")
-        for (int l = 0; l < VL; l++)
-            keep[l] = l & h ? VL + l - h : l, take[l] = l & h ? VL + l : l + h;
+        for (int l = 0; l < LANES; l++)
+            keep[l] = l & h ? LANES + l - h : l, take[l] = l & h ? LANES + l : l + h;
         _Pragma("GCC unroll 16")
-        for (int i = 0; i < VL; i++)
+        for (int i = 0; i < LANES; i++)
             if (!(i & h)) {
-                const vec a = r[i], b = r[i + h];
+                const vf a = r[i], b = r[i + h];
                 r[i] = __builtin_shuffle(a, b, keep);
                 r[i + h] = __builtin_shuffle(a, b, take);
             }
     }
-    for (int i = 0; i < VL; i++)
+    for (int i = 0; i < LANES; i++)
         vstore(dst + i * ld, r[i]);
 }
 
@@ -242,8 +224,8 @@ static void load_rows(float *restrict dst, float *restrict dstt, const void *src
         }
     }
     if (dstt)  /* dst's padding rows and columns are zeros, so the padded transpose is too */
-        for (long t0 = 0; t0 < s->Tp; t0 += VL)
-            for (long c0 = 0; c0 < s->Dp; c0 += VL)
+        for (long t0 = 0; t0 < s->Tp; t0 += LANES)
+            for (long c0 = 0; c0 < s->Dp; c0 += LANES)
                 transpose_block(dstt + c0 * s->Tp + t0, s->Tp, dst + t0 * s->Dp + c0, s->Dp);
 }
 
@@ -268,11 +250,11 @@ static void store_rows(void *dst, long stride, long col, const float *restrict s
 
 /* The largest of a row's first n scores. */
 static inline float row_max(const float *restrict p, long n) {
-    const ivec lane = lane_index(), end = (ivec){0} + (int32_t)n;
-    vec part = splat(p[0]);
-    for (long j0 = 0; j0 < n; j0 += VL) {
-        const vec x = vload(p + j0);
-        part = vsel((lane + (int32_t)j0 < end) & (x > part), x, part);
+    const vi lane = lane_index(), end = (vi){0} + (int32_t)n;
+    vf part = splat(p[0]);
+    for (long j0 = 0; j0 < n; j0 += LANES) {
+        const vf x = vload(p + j0);
+        part = vselect((lane + (int32_t)j0 < end) & (x > part), x, part);
     }
     return hmax(part);
 }
@@ -280,17 +262,17 @@ static inline float row_max(const float *restrict p, long n) {
 /* A row's first n scores s -> exp(s - m), the rest of its Tp columns -> 0 (so the products after
    it may run over the whole padded row); returns the sum of the exponentials. */
 static inline float exp_row(float *restrict p, long n, long Tp, float m) {
-    const ivec lane = lane_index(), end = (ivec){0} + (int32_t)n;
-    const vec mv = splat(m);
-    const long nv = round_up(n, VL);
-    vec l = {0};
-    for (long j0 = 0; j0 < nv; j0 += VL) {
-        const vec e = vsel(lane + (int32_t)j0 < end, vexp_nonpos(vload(p + j0) - mv), (vec){0});
+    const vi lane = lane_index(), end = (vi){0} + (int32_t)n;
+    const vf mv = splat(m);
+    const long nv = round_up(n, LANES);
+    vf l = {0};
+    for (long j0 = 0; j0 < nv; j0 += LANES) {
+        const vf e = vselect(lane + (int32_t)j0 < end, vexp_nonpos(vload(p + j0) - mv), (vf){0});
         vstore(p + j0, e);
         l += e;
     }
-    for (long j0 = nv; j0 < Tp; j0 += VL)  /* (a memset call per row took ~5% of the forward) */
-        vstore(p + j0, (vec){0});
+    for (long j0 = nv; j0 < Tp; j0 += LANES)  /* vector stores: no memset call per row */
+        vstore(p + j0, (vf){0});
     return hsum(l);
 }
 
@@ -308,7 +290,7 @@ static void softmax_rows(float *restrict p, long T, long Tp, int causal, float *
     for (long i = 0; i < T; i++) {
         const float inv = 1.0f / l[i];
         float *restrict r = p + i * Tp;
-        for (long j0 = 0; j0 < round_up(causal ? i + 1 : T, VL); j0 += VL)
+        for (long j0 = 0; j0 < round_up(causal ? i + 1 : T, LANES); j0 += LANES)
             vstore(r + j0, vload(r + j0) * inv);
     }
 }
@@ -369,20 +351,19 @@ static void bwd_pair(Scratch *s, const Args *a, long b, long h) {
     load_rows(s->r1, NULL, a->y, C, h * D, s, b, 1.0f, a->bf16);  /* O, for rowsum(dO * O) */
     matmul(s->p, Tp, s->q, Dp, 1, s->kt, Tp, Tp, Tp, Dp, a->causal);      /* S */
     matmul(s->ds, Tp, s->dout, Dp, 1, s->vt, Tp, Tp, Tp, Dp, a->causal);  /* dP = dO V^T */
-    /* rowsum(dO * O) of every row first, on vectors (the padding columns of both are zeros): as a
-       scalar sum inside the loop below, one chain of dependent multiply-adds per row, it took
-       about as long as the rest of that loop. */
+    /* rowsum(dO * O) of every row first, on vectors (the padding columns of both are zeros),
+       rather than one chain of dependent scalar multiply-adds per row inside the loop below. */
     for (long i = 0; i < T; i++) {
-        vec acc = {0};
-        for (long c = 0; c < Dp; c += VL)
+        vf acc = {0};
+        for (long c = 0; c < Dp; c += LANES)
             acc += vload(s->dout + i * Dp + c) * vload(s->r1 + i * Dp + c);
         s->l[i] = hsum(acc);
     }
     for (long i = 0; i < T; i++) {
         float *restrict p = s->p + i * Tp, *restrict ds = s->ds + i * Tp;
         exp_row(p, a->causal ? i + 1 : T, Tp, lse[i]);  /* P, from S and the forward's lse */
-        const vec di = splat(s->l[i]);
-        for (long j0 = 0; j0 < Tp; j0 += VL)
+        const vf di = splat(s->l[i]);
+        for (long j0 = 0; j0 < Tp; j0 += LANES)
             vstore(ds + j0, vload(p + j0) * (vload(ds + j0) - di));  /* 0 wherever p is */
     }
     for (long i = T; i < Tp; i++)  /* padding rows: no probability, no gradient */
