@@ -26,7 +26,7 @@ import nnlab
 from conftest import CLI_TIMEOUT, cli_cmd, cli_env, sample_text
 from nnlab import cli
 from nnlab.data import read_idx, write_idx
-from nnlab.train.checkpoint import load_tensors
+from nnlab.runfolder import load_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
