@@ -325,7 +325,9 @@ def _step(model, opt, seed: int) -> None:
     opt.step()
 
 
-OPTIMIZERS = {"sgd-momentum": {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.1},
+# Every optimizer setting a recipe can have; plain SGD keeps no per-parameter state at all.
+OPTIMIZERS = {"sgd": {"optimizer": "sgd", "momentum": 0.0},
+              "sgd-momentum": {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.1},
               "adamw": {"optimizer": "adamw", "weight_decay": 0.1, "beta2": 0.99}}
 
 

@@ -270,6 +270,10 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     tensors, meta = load_tensors(run_dir / CHECKPOINT)
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     optim_sd = _optimizer_state(tensors, meta["optimizer"])
+    # SGD without momentum keeps no per-parameter state: there is nothing to restore (its
+    # hyperparameters come from the config, its lr is set every step), and torch's loader cannot
+    # place an empty state on a device.
+    stateless = not any(torch.is_tensor(v) for state in optim_sd["state"].values() for v in state.values())
     if env.world_size > 1:
         # Rank 0 scatters the full state into the shards (FSDP) or broadcasts it (DDP); the other
         # ranks pass empty dicts, so the collectives agree in size.
@@ -279,7 +283,8 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     else:
         opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_sd, options=opts)
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+    if not stateless:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
