@@ -312,14 +312,16 @@ def test_tied_gpt_round_trips_through_a_run_folder(tmp_path):
 
 
 def _conv_net(seed: int, channels_last: bool) -> torch.nn.Module:
+    """Two input channels: with one, a channels-last conv weight holds its elements in the
+    contiguous order, and a layout mix-up could not show."""
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
 def _step(model, opt, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+    x, y = torch.randn(8, 2, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
     opt.step()
@@ -331,7 +333,7 @@ OPTIMIZERS = {"sgd": {"optimizer": "sgd", "momentum": 0.0},
               "adamw": {"optimizer": "adamw", "weight_decay": 0.1, "beta2": 0.99}}
 
 
-@pytest.mark.parametrize("channels_last", [False], ids=["contiguous"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_a_checkpoint_restores_the_optimizer_exactly(tmp_path, name, channels_last):
     """The optimizers nnlab builds, saved in the checkpoint format and loaded into a fresh model and

@@ -285,6 +285,7 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     set_model_state_dict(model, model_sd, options=opts)
     if not stateless:
         set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+        _state_like_parameters(optimizer)
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -305,6 +306,17 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         name, k = key.rsplit("/", 1)
         state.setdefault(name, {})[k] = v
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's state (momentum, Adam's moments) its parameter's memory layout, as the
+    optimizer does when it creates them. The file holds them contiguous, and fused AdamW on CPU walks
+    a parameter and its state as flat arrays: a contiguous exp_avg beside a channels-last conv
+    weight would pair different elements."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def _lists(x):
