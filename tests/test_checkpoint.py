@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import nnlab
 from nnlab import cli, runfolder
@@ -322,9 +323,9 @@ def _conv_net(seed: int, channels_last: bool) -> torch.nn.Module:
 def _step(model, opt, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(8, 2, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
-    opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
     opt.step()
+    opt.zero_grad(set_to_none=True)  # as the loop does, so a checkpoint meets no gradients
 
 
 # Every optimizer setting a recipe can have; plain SGD keeps no per-parameter state at all.
@@ -344,7 +345,13 @@ def test_a_checkpoint_restores_the_optimizer_exactly(tmp_path, name, channels_la
     for s in range(3):
         _step(a, opt_a, s)
     (tmp_path / runfolder.CHECKPOINT).parent.mkdir()
-    runfolder.save_checkpoint(tmp_path, a, opt_a, Config(train=t), Env(), step=3, bad_steps=0, train_seconds=1.5)
+    steps_taken = []
+    hook = register_optimizer_step_post_hook(lambda *_: steps_taken.append(1))
+    try:
+        runfolder.save_checkpoint(tmp_path, a, opt_a, Config(train=t), Env(), step=3, bad_steps=0, train_seconds=1.5)
+    finally:
+        hook.remove()
+    assert not steps_taken, "saving a checkpoint stepped the optimizer"
     _, meta = load_tensors(tmp_path / runfolder.CHECKPOINT)
     assert meta["config"]["train"]["optimizer"] == t.optimizer and json.dumps(meta)  # all of it plain JSON
 

@@ -243,7 +243,9 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     """Write checkpoints/last.safetensors atomically (a collective under FSDP; rank 0 writes)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=opts)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    # An optimizer without per-parameter state (SGD without momentum) has nothing to save; torch
+    # would first run a zero-gradient step on it to create some.
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer.state else {"state": {}}
     if not env.is_main:
         return
     tensors = {f"model.{k}": v for k, v in model_sd.items()}
@@ -259,7 +261,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     np_state = np.random.get_state()
     meta = {"step": step, "bad_steps": bad_steps, "train_seconds": train_seconds,
-            "optimizer": {"param_groups": optim_sd["param_groups"], "scalars": numbers},
+            "optimizer": {"param_groups": optim_sd.get("param_groups", []), "scalars": numbers},
             "rng_python": _lists(random.getstate()), "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "config": cfg.to_dict()}
     save_tensors(run_dir / CHECKPOINT, tensors, meta)
