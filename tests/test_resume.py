@@ -7,8 +7,9 @@ The runs are tiny (a few steps of small models on the conftest data), fp32 on on
 means bit for bit. A run is stopped from torch's global optimizer-step hook right after a fixed
 step, so the stop lands mid-run, between two checkpoints, whatever the machine's load: for seed-cnn
 (with and without momentum) and seed-cnn-fast by SIGKILL of a real process, for the rest by an
-exception in this process (the same run folder left behind, without a torch import per case). One test kills a process from outside, at
-whatever moment its first checkpoint appears, as a user would.
+exception in this process (the same run folder left behind, without a torch import per case).
+One test kills a process from outside, at whatever moment its first checkpoint appears, as a user
+would.
 """
 
 from __future__ import annotations

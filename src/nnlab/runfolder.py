@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from nnlab.config import Config, build_config, dump_yaml, read_yaml
 from nnlab.errors import NnlabError
+from nnlab.train.distributed import Env
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -238,7 +239,7 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 # the resolved config. State dicts are full (gathered from every rank) and keyed by parameter name,
 # so a checkpoint loads at any world size.
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env, *,
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: Env, *,
                     step: int, bad_steps: int, train_seconds: float) -> None:
     """Write checkpoints/last.safetensors atomically (a collective under FSDP; rank 0 writes)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -267,7 +268,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     save_tensors(run_dir / CHECKPOINT, tensors, meta)
 
 
-def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env) -> tuple[int, int, float]:
+def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    env: Env) -> tuple[int, int, float]:
     """Restore model, optimizer and RNGs from checkpoints/last.safetensors: (step, bad_steps, train_seconds)."""
     tensors, meta = load_tensors(run_dir / CHECKPOINT)
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
