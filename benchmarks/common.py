@@ -26,8 +26,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from nnlab.run import file_in_the_way
-from nnlab.train.checkpoint import atomic_write_text
+from nnlab.runfolder import atomic_write_text, file_in_the_way
 from nnlab.train.precision import cpu_flags, cpu_name, native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -362,7 +361,7 @@ def time_nnlab(recipe: str, overrides: dict, warm: int, steady: int, out: str) -
     the last stamp, so they are in neither figure. `loop_rate` is what nnlab itself logged for the
     same steps, kept as a cross-check."""
     import nnlab
-    from nnlab.run import read_config
+    from nnlab.runfolder import read_config
 
     total = warm + steady
     ov = {**overrides, "train.max_steps": total, "train.log_every": warm, "train.eval_every": total}

@@ -28,7 +28,7 @@ import nnlab
 from common import output_file
 from nnlab.config import load_config
 from nnlab.errors import NnlabError
-from nnlab.train.checkpoint import atomic_write_text
+from nnlab.runfolder import atomic_write_text
 from nnlab.train.precision import cpu_name
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common import output_file, positive_int
 from nnlab.data import load_images
 from nnlab.errors import NnlabError
-from nnlab.train.checkpoint import atomic_write_text
+from nnlab.runfolder import atomic_write_text
 
 
 class Net(nn.Module):

@@ -21,7 +21,7 @@ import nnlab
 from common import output_file
 from nnlab.config import load_config
 from nnlab.errors import NnlabError
-from nnlab.train.checkpoint import atomic_write_text
+from nnlab.runfolder import atomic_write_text
 from nnlab.train.precision import cpu_name, native_bf16
 
 # recipe -> (metric, target, "ge" or "le"); mlp-regression is compared with scikit-learn instead.
@@ -39,7 +39,7 @@ def sklearn_linear_mse(run_dir: Path) -> float:
     """scikit-learn's LinearRegression on exactly the split the run used."""
     from sklearn.linear_model import LinearRegression
 
-    from nnlab.run import read_config
+    from nnlab.runfolder import read_config
     from nnlab.tasks import make_task
 
     task = make_task(read_config(run_dir))

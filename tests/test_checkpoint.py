@@ -14,22 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import nnlab
-from nnlab import cli
+from nnlab import cli, runfolder
+from nnlab.config import Config, TrainConfig
 from nnlab.errors import NnlabError
 from nnlab.models import build_model
-from nnlab.run import save_model
-from nnlab.train import checkpoint
-from nnlab.train.checkpoint import (
-    check_safetensors,
-    load_tensors,
-    optimizer_from_flat,
-    optimizer_to_flat,
-    save_tensors,
-    state_from_flat,
-    state_to_flat,
-)
+from nnlab.runfolder import check_safetensors, load_tensors, save_model, save_tensors
+from nnlab.train.distributed import Env
+from nnlab.train.optim import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,7 +156,7 @@ def test_check_safetensors_rejects_bad_files(tmp_path, kind, monkeypatch):
     else:  # a well-formed file whose header is larger than the limit
         save_tensors(p, {"w": torch.zeros(3)}, {"note": "x" * 200})
         check_safetensors(p)  # fine under the real limit
-        monkeypatch.setattr(checkpoint, "MAX_HEADER", 64)
+        monkeypatch.setattr(runfolder, "MAX_HEADER", 64)
     with pytest.raises(NnlabError) as e:
         check_safetensors(p)
     assert str(p) in str(e.value) and "\n" not in str(e.value)
@@ -235,7 +230,7 @@ def test_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch, call
     def crash(*args):
         raise OSError(why)
 
-    monkeypatch.setattr(checkpoint.os, call, crash)
+    monkeypatch.setattr(runfolder.os, call, crash)
     with pytest.raises(OSError, match=why):
         save_tensors(p, {"w": torch.full((1000,), 9.0)}, {"step": 2})
     monkeypatch.undo()
@@ -250,12 +245,12 @@ def test_process_killed_mid_save_leaves_the_previous_file_whole(tmp_path):
     save_tensors(p, {"w": torch.arange(6.0)}, {"step": 1})
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from nnlab.train import checkpoint
+        from nnlab import runfolder
         def die(src, dst):
             assert os.path.getsize(src) > 4_000_000  # the new file was fully written to the temp name
             os.kill(os.getpid(), signal.SIGKILL)
-        checkpoint.os.replace = die
-        checkpoint.save_tensors({str(p)!r}, {{"w": torch.ones(1_000_000)}}, {{"step": 2}})
+        runfolder.os.replace = die
+        runfolder.save_tensors({str(p)!r}, {{"w": torch.ones(1_000_000)}}, {{"step": 2}})
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr
@@ -314,94 +309,84 @@ def test_tied_gpt_round_trips_through_a_run_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# optimizer state
+# optimizer state through a checkpoint
 
 
-def _model(seed=0):
+def _conv_net(seed: int, channels_last: bool) -> torch.nn.Module:
+    """Two input channels: with one, a channels-last conv weight holds its elements in the
+    contiguous order, and a layout mix-up could not show."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def _step(model, opt, seed):
+def _step(model, opt, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 2, generator=g)
-    opt.zero_grad()
-    torch.nn.functional.mse_loss(model(x), y).backward()
+    x, y = torch.randn(8, 2, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+    F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
     opt.step()
+    opt.zero_grad(set_to_none=True)  # as the loop does, so a checkpoint meets no gradients
 
 
-def _make_opt(name, model):
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.1, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=0.01, betas=(0.9, 0.99))
+# Every optimizer setting a recipe can have; plain SGD keeps no per-parameter state at all.
+OPTIMIZERS = {"sgd": {"optimizer": "sgd", "momentum": 0.0},
+              "sgd-momentum": {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.1},
+              "adamw": {"optimizer": "adamw", "weight_decay": 0.1, "beta2": 0.99}}
 
 
-def _to_flat(how, model, opt):
-    if how == "optimizer":  # torch.optim's own state dict: keyed by parameter index
-        return optimizer_to_flat(opt)
-    # what the training loop saves: the full state dict keyed by parameter name
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return state_to_flat(get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True)))
-
-
-def _from_flat(how, model, opt, tensors, meta):
-    if how == "optimizer":
-        return optimizer_from_flat(opt, tensors, meta)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, opt, state_from_flat(tensors, meta), options=StateDictOptions(full_state_dict=True))
-
-
-@pytest.mark.parametrize("how", ["optimizer", "by-name"])
-@pytest.mark.parametrize("name", ["sgd", "adamw"])
-def test_optimizer_state_round_trip_gives_the_same_next_step(tmp_path, name, how):
-    a = _model()
-    opt_a = _make_opt(name, a)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_checkpoint_restores_the_optimizer_exactly(tmp_path, name, channels_last):
+    """The optimizers nnlab builds, saved in the checkpoint format and loaded into a fresh model and
+    optimizer, take the next steps exactly as the originals do."""
+    t = TrainConfig(lr=0.05, **OPTIMIZERS[name])
+    a = _conv_net(0, channels_last)
+    opt_a = make_optimizer(a, t)
     for s in range(3):
         _step(a, opt_a, s)
-    tensors, meta = _to_flat(how, a, opt_a)
-    assert tensors, "the optimizer state holds tensors (momentum / moments)"
-    p = tmp_path / "ckpt.safetensors"
-    save_tensors(p, {**{f"model.{k}": v for k, v in a.state_dict().items()}, **tensors}, {"optimizer": meta})
-    got, got_meta = load_tensors(p)
+    (tmp_path / runfolder.CHECKPOINT).parent.mkdir()
+    steps_taken = []
+    hook = register_optimizer_step_post_hook(lambda *_: steps_taken.append(1))
+    try:
+        runfolder.save_checkpoint(tmp_path, a, opt_a, Config(train=t), Env(), step=3, bad_steps=0, train_seconds=1.5)
+    finally:
+        hook.remove()
+    assert not steps_taken, "saving a checkpoint stepped the optimizer"
+    _, meta = load_tensors(tmp_path / runfolder.CHECKPOINT)
+    assert meta["config"]["train"]["optimizer"] == t.optimizer and json.dumps(meta)  # all of it plain JSON
 
-    b = _model(seed=1)  # different weights and a fresh optimizer...
-    b.load_state_dict({k[6:]: v for k, v in got.items() if k.startswith("model.")})
-    opt_b = _make_opt(name, b)
-    _from_flat(how, b, opt_b, got, got_meta["optimizer"])  # ... restored from disk
+    b = _conv_net(1, channels_last)  # different weights and a fresh optimizer...
+    opt_b = make_optimizer(b, t)
+    assert runfolder.load_checkpoint(tmp_path, b, opt_b, Env()) == (3, 0, 1.5)  # ... restored from disk
 
-    c = _model(seed=1)  # the control: same weights, optimizer state NOT restored
+    c = _conv_net(1, channels_last)  # the control: same weights, optimizer state NOT restored
     c.load_state_dict(a.state_dict())
-    opt_c = _make_opt(name, c)
+    opt_c = make_optimizer(c, t)
 
     for m, o in ((a, opt_a), (b, opt_b), (c, opt_c)):
         _step(m, o, 99)
         _step(m, o, 100)
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.equal(pa, pb)
-    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters())), \
-        "the control should differ, else this test could not see a lost optimizer state"
-    assert json.dumps(got_meta)  # all of it is plain JSON
+    for (param, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), param
+        assert pa.stride() == pb.stride(), param  # the restored model keeps its memory format
+    if opt_a.state:
+        assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters())), \
+            "the control should differ, else this test could not see a lost optimizer state"
 
 
 def test_atomic_write_replaces_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
     """atomic_write_text (run folders and the benchmarks' results files) goes through a temporary
     file and a rename: when the write fails (here the rename), what was saved is still there, whole,
     and no temporary file is left."""
-    from nnlab.train import checkpoint
-
     path = tmp_path / "results.json"
-    checkpoint.atomic_write_text(path, '{"old": 1}')
-    checkpoint.atomic_write_text(path, '{"new": 2}')
+    runfolder.atomic_write_text(path, '{"old": 1}')
+    runfolder.atomic_write_text(path, '{"new": 2}')
     assert path.read_text() == '{"new": 2}'
 
     def fail(*_):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "replace", fail)
+    monkeypatch.setattr(runfolder.os, "replace", fail)
     with pytest.raises(OSError):
-        checkpoint.atomic_write_text(path, '{"newer": 3}')
+        runfolder.atomic_write_text(path, '{"newer": 3}')
     assert path.read_text() == '{"new": 2}' and [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -7,7 +7,7 @@ from torch.testing import assert_close
 from nnlab.models import REGISTRY, build_model, names, set_explicit
 from nnlab import kernels
 from nnlab.kernels import build
-from nnlab.train.checkpoint import load_tensors, save_tensors
+from nnlab.runfolder import load_tensors, save_tensors
 
 TINY = {
     "mlp": dict(in_features=12, hidden=(8, 8), out_features=3),

@@ -11,7 +11,7 @@ import torch
 import nnlab
 from nnlab.errors import NnlabError
 from nnlab.tasks import Task
-from nnlab.train.checkpoint import load_tensors
+from nnlab.runfolder import load_tensors
 
 
 def gpt_args(text_file, *extra):

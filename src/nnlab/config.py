@@ -137,7 +137,7 @@ def recipe_dict(recipe: str) -> dict:
         return d
     if recipe not in recipe_names():
         near = difflib.get_close_matches(recipe, recipe_names(), n=1)
-        hint = f"; did you mean {near[0]}?" if near else f"; see `nnlab recipes`"
+        hint = f"; did you mean {near[0]}?" if near else "; see `nnlab recipes`"
         raise ConfigError(f"recipe: unknown recipe {recipe!r}{hint}")
     d = yaml.safe_load(resources.files("nnlab.recipes").joinpath(f"{recipe}.yaml").read_text("utf-8")) or {}
     d["recipe"] = recipe

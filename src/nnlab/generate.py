@@ -99,7 +99,7 @@ def generate_text(run_dir, prompt: str, max_new_tokens: int = 200, temperature: 
     """Load a trained language model from its run folder and continue `prompt`; returns prompt + sample."""
     from nnlab.data import tokenizer_from_json
     from nnlab.errors import NnlabError
-    from nnlab.run import load
+    from nnlab.runfolder import load
 
     model, info = load(run_dir)
     if info.get("task") != "text":

@@ -1,4 +1,4 @@
-"""Where training reports go: metrics.jsonl, TensorBoard, and the console.
+"""Where training reports go: metrics.jsonl, TensorBoard (both in the run folder), and the console.
 
 All local: nothing is sent over the network. On a terminal the console shows a live progress bar
 (loss, lr, throughput, ETA); when output is piped or redirected it prints plain log lines instead,
@@ -11,6 +11,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from nnlab.runfolder import METRICS, TENSORBOARD
 
 
 def fmt_seconds(s: float) -> str:
@@ -26,11 +28,11 @@ class RunLogger:
         self.tb = None
         self.jsonl = None
         if run_dir is not None:
-            self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self.jsonl = open(run_dir / METRICS, "a", encoding="utf-8")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(log_dir=str(run_dir / TENSORBOARD))
         self.progress = None
         if not self.quiet and sys.stdout.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn

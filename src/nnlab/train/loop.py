@@ -8,7 +8,6 @@ distribution are applied by helpers, never by a second copy of this loop.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -16,24 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
-from nnlab import kernels
-from nnlab import run as runfolder
-from nnlab.config import Config, load_config
+from nnlab import kernels, runfolder
+from nnlab.config import load_config
 from nnlab.errors import ConfigError, NnlabError
 from nnlab.info import machine_info
 from nnlab.models import build_model
-from nnlab.tasks import Task, lr_at, make_task
+from nnlab.tasks import lr_at, make_task
 from nnlab.train import distributed
 from nnlab.train.allocator import tune_allocator
-from nnlab.train.checkpoint import atomic_write_text, load_tensors, save_tensors, state_from_flat, state_to_flat
 from nnlab.train.log import RunLogger
 from nnlab.train.optim import make_optimizer
 from nnlab.train.precision import autocast, resolve_precision
-
-CKPT = "checkpoints/last.safetensors"
 
 
 def seed_everything(seed: int) -> None:
@@ -60,8 +53,8 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     if resume:
         run_dir = Path(resume)
         cfg = runfolder.read_config(run_dir)
-        if not (run_dir / CKPT).exists():
-            raise NnlabError(f"--resume {run_dir}: no checkpoint at {run_dir / CKPT}")
+        if not (run_dir / runfolder.CHECKPOINT).exists():
+            raise NnlabError(f"--resume {run_dir}: no checkpoint at {run_dir / runfolder.CHECKPOINT}")
     else:
         if recipe is None:
             raise ConfigError("train: give a recipe (see `nnlab recipes`) or --resume RUN_DIR")
@@ -106,7 +99,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     step, bad_steps, train_seconds = 0, 0, 0.0
     if resume:
-        step, bad_steps, train_seconds = _load_checkpoint(run_dir / CKPT, model, optimizer, env)
+        step, bad_steps, train_seconds = runfolder.load_checkpoint(run_dir, model, optimizer, env)
     # Under FSDP every rank holds a shard, so every rank must take part in evaluation and saving.
     all_ranks = env.world_size > 1 and t.strategy == "fsdp"
 
@@ -153,7 +146,8 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
             optimizer.zero_grad(set_to_none=True)
             if bad_steps > t.max_bad_steps:
                 log.close()
-                kept = f"; last good checkpoint kept at {run_dir / CKPT}" if (run_dir / CKPT).exists() else ""
+                ckpt = run_dir / runfolder.CHECKPOINT
+                kept = f"; last good checkpoint kept at {ckpt}" if ckpt.exists() else ""
                 raise NnlabError(f"train: loss is {loss_val} at step {step}; stopped{kept}")
             log.say(f"step {step}: loss is {loss_val}, batch skipped ({bad_steps}/{t.max_bad_steps})")
             step += 1
@@ -191,13 +185,15 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
                 log.record("eval", step, **metrics, train_seconds=round(train_seconds, 3))
                 log.say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if t.checkpoint_every == 0:
-                _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds, env)
+                runfolder.save_checkpoint(run_dir, model, optimizer, cfg, env, step=step, bad_steps=bad_steps,
+                                          train_seconds=train_seconds)
         if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == total):
-            _save_checkpoint(run_dir / CKPT, model, optimizer, cfg, step, bad_steps, train_seconds, env)
+            runfolder.save_checkpoint(run_dir, model, optimizer, cfg, env, step=step, bad_steps=bad_steps,
+                                      train_seconds=train_seconds)
     log.close()
 
     # ---- the finished run ------------------------------------------------------------------------
-    weights = _full_state(model)  # a collective under FSDP: every rank calls it
+    weights = runfolder.full_model_state(model)  # a collective under FSDP: every rank calls it
     if env.is_main:
         if not metrics:  # resumed after the last step: nothing was evaluated in this process
             model.eval()
@@ -208,71 +204,11 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
         summary = {"recipe": cfg.recipe, "model": cfg.model["name"], "steps": step, "train_seconds": round(train_seconds, 2),
                    **speed, "params": n_params, **metrics, "precision": precision, "precision_reason": precision_why,
                    "allocator": allocator,
-                   "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed, **runfolder.provenance(),
+                   "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed,
                    "machine": machine_info(), "kernels_used": kernels.used()}
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        runfolder.write_summary(run_dir, summary)
         rate = (f"; {speed[f'{unit}_per_s']:,.0f} {unit}/s after a first step of {first_step_seconds:.2f} s"
                 if steady_steps else "")
         log.say("done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"{rate}; run folder {run_dir}")
     return run_dir
 
-
-def _full_state(model) -> dict:
-    """The full (unsharded) model state dict on CPU; under FSDP a collective, empty on ranks > 0."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _save_checkpoint(path: Path, model, optimizer, cfg: Config, step: int, bad_steps: int, train_seconds: float,
-                     env: distributed.Env):
-    """Everything --resume needs, in one atomically written safetensors file (written by rank 0).
-
-    The state dicts are gathered in full (a collective under FSDP), so a checkpoint loads at any
-    world size, and optimizer state is keyed by parameter name."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=opts)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
-    if not env.is_main:
-        return
-    tensors = {f"model.{k}": v for k, v in model_sd.items()}
-    opt_tensors, opt_meta = state_to_flat(optim_sd)
-    tensors.update(opt_tensors)
-    tensors["rng.torch"] = torch.get_rng_state()
-    np_state = np.random.get_state()
-    meta = {"step": step, "bad_steps": bad_steps, "train_seconds": train_seconds, "optimizer": opt_meta,
-            "rng_python": _jsonable(random.getstate()), "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "config": cfg.to_dict()}
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_tensors(path, tensors, meta)
-
-
-def _load_checkpoint(path: Path, model, optimizer, env: distributed.Env) -> tuple[int, int, float]:
-    tensors, meta = load_tensors(path)
-    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    optim_sd = state_from_flat(tensors, meta["optimizer"])
-    if env.world_size > 1:
-        # Rank 0 scatters the full state into the shards (FSDP) or broadcasts it (DDP); the other
-        # ranks pass empty dicts. (Letting every rank shard its own full copy made gloo's
-        # collectives disagree in size and abort a rank.)
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        if not env.is_main:
-            model_sd, optim_sd = {}, {"state": {}, "param_groups": []}
-    else:
-        opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_sd, options=opts)
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    random.setstate(_tuples(meta["rng_python"]))
-    s = meta["rng_numpy"]
-    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
-    return meta["step"], meta["bad_steps"], meta["train_seconds"]
-
-
-def _jsonable(x):
-    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _tuples(x):
-    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
