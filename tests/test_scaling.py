@@ -160,12 +160,13 @@ def test_max_bad_steps_skips_a_bad_batch(tmp_path, text_file, monkeypatch, one_t
 
 def test_a_cpu_capability_override_gets_its_own_inductor_cache(monkeypatch):
     """Code compiled under ATEN_CPU_CAPABILITY=avx2 must not be found by a run without it (nor the
-    other way round): distributed.separate_inductor_cache says why. Nothing is compiled here: the
+    other way round): compile.separate_inductor_cache says why. Nothing is compiled here: the
     folder is chosen before torch.compile and read by inductor at its first cache access."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
 
     from nnlab.models import build_model
-    from nnlab.train.distributed import Env, parallelize, separate_inductor_cache
+    from nnlab.train.compile import separate_inductor_cache
+    from nnlab.train.distributed import Env, parallelize
 
     for name in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY"):  # setenv first: restored after the test
         monkeypatch.setenv(name, "")
@@ -181,7 +182,7 @@ def test_a_cpu_capability_override_gets_its_own_inductor_cache(monkeypatch):
 
 
 def test_compile_options_keep_the_mode_and_add_a_cpp_wrapper_on_cpu():
-    from nnlab.train.distributed import compile_options
+    from nnlab.train.compile import compile_options
 
     assert compile_options("default", torch.device("cpu")) == {"cpp_wrapper": True}
     auto = compile_options("max-autotune-no-cudagraphs", torch.device("cpu"))
