@@ -174,7 +174,7 @@ def test_a_cpu_capability_override_gets_its_own_inductor_cache(monkeypatch):
     assert separate_inductor_cache() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    parallelize(build_model("gpt", n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=5), True, "ddp", Env())
+    parallelize(build_model("gpt", preset="tiny"), True, "ddp", Env())
     assert cache_dir() == default_cache_dir() + "_avx2"
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/chosen-by-the-user")  # a user's choice is kept

@@ -109,7 +109,7 @@ class TextTask(Task):
 
         super().__init__(cfg)
         self.data = load_text(cfg.data.path, tokenizer=cfg.data.tokenizer)
-        self.block_size = int(cfg.model.get("block_size", 64))
+        self.block_size = cfg.model.block_size
         for split, ids in (("train", self.data.train), ("validation", self.data.val)):
             if len(ids) <= self.block_size + 1:
                 raise ConfigError(f"model.block_size: {self.block_size} is longer than the {split} split "
@@ -194,7 +194,7 @@ def make_task(cfg: Config) -> Task:
     kind = "text" if name == "text" else "tabular" if name in ("diabetes", "csv") else "image"
     from nnlab.models import get_spec
 
-    spec = get_spec(cfg.model["name"])
+    spec = get_spec(cfg.model.name)
     if spec.task != kind and not (spec.name == "mlp" and kind == "image"):
         raise ConfigError(f"data.name: model {spec.name!r} takes {spec.task} data, not {name!r}")
     return {"image": ImageTask, "text": TextTask, "tabular": TabularTask}[kind](cfg)
