@@ -1,12 +1,15 @@
 """Typed config: recipes parse (with their bases and data root), presets and overrides apply,
-and mistakes are one-line errors naming the key."""
+mistakes are one-line errors naming the key, and `nnlab keys` lists every key."""
 
 import dataclasses
+import os
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from nnlab import cli
 from nnlab.config import (DataConfig, TrainConfig, build_config, dump_yaml, load_config, parse_overrides, recipe_dict,
                           recipe_names)
 from nnlab.errors import ConfigError
@@ -193,3 +196,49 @@ def test_cross_field_checks():
         build_config({"model": {"name": "gpt"}, "data": {"name": "text"}})
     with pytest.raises(ConfigError, match="--set"):
         parse_overrides(["train.lr"])
+
+
+def keys_table(capsys, *args) -> dict[str, dict[str, tuple[str, str, str]]]:
+    """`nnlab keys ARGS` as {group title: {key: (type, default, doc)}}."""
+    assert cli.main(["keys", *args]) == 0
+    groups: dict = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  "):
+            key, tp, default, doc = re.split(r"\s{2,}", line.strip(), maxsplit=3)
+            groups[title][key] = (tp, default, doc)
+        elif line:
+            title = line.split(" (")[0]  # e.g. "train", "model gpt (text data)"
+            groups[title] = {}
+    return groups
+
+
+def test_keys_lists_every_field_with_its_type_default_and_doc(capsys):
+    groups = keys_table(capsys)
+    sections = [("data", "data", DataConfig), ("train", "train", TrainConfig)]
+    sections += [(f"model {n}", "model", get_spec(n).config_cls) for n in names()]
+    for title, prefix, cls in sections:
+        for f in dataclasses.fields(cls):
+            tp, default, doc = groups[title][f"{prefix}.{f.name}"]
+            expected = list(f.default) if isinstance(f.default, tuple) else f.default
+            assert yaml.safe_load(default) == expected, f"{title}: {f.name}"  # printed as a recipe writes it
+            assert doc and tp
+        assert prefix != "model" or "model.preset" in groups[title]
+    assert set(groups["top level"]) == {"base", "recipe", "description"}
+    gpt_only = keys_table(capsys, "--model", "gpt")
+    assert [t for t in gpt_only if t.startswith("model")] == ["model gpt"]
+    assert "tiny = {n_layer: 1" in gpt_only["model gpt"]["model.preset"][2]
+
+
+def test_an_unknown_key_names_the_closest_one_listed_by_keys(capsys):
+    with pytest.raises(ConfigError) as e:
+        load_config("gpt-shakespeare", overrides=["train.warmup_step=10"])
+    assert str(e.value) == "train.warmup_step: unknown config key; did you mean train.warmup_steps?"
+    assert "train.warmup_steps" in keys_table(capsys)["train"]
+    assert cli.main(["train", "seed-cnn", "--set", "xyzzy=1"]) == 2
+    assert capsys.readouterr().err.strip() == "nnlab: error: xyzzy: unknown config key; `nnlab keys` lists them"
+
+
+def test_data_root_is_documented_where_users_read_keys(capsys):
+    doc = keys_table(capsys)["data"]["data.path"][2]
+    assert "NNLAB_DATA_ROOT" in doc and "<repo>/../shared/data" in doc
+    assert os.path.isabs(load_config("gpt-shakespeare").data.path)

@@ -365,3 +365,43 @@ def _lists(x):
         return [_lists(v) for v in x]
     return x
 
+
+# --- `nnlab keys` --------------------------------------------------------------------------------
+
+def key_groups(model: str | None = None) -> list[tuple[str, list[tuple[str, str, str, str]]]]:
+    """Every config key as (group title, [(key, type, default as YAML, doc)]), read from the
+    dataclasses; the model keys of every registered model, or of `model` only."""
+    from nnlab.models import get_spec, names
+
+    def rows(prefix: str, cls: type, skip: tuple = ()) -> list[tuple[str, str, str, str]]:
+        hints = typing.get_type_hints(cls)
+        return [(f"{prefix}{f.name}", type_name(hints[f.name]), _yaml_scalar(_default(f)), _doc(f))
+                for f in dataclasses.fields(cls) if f.name not in skip]
+
+    top = [("base", "str | None", "null", TOP_KEYS["base"]), *rows("", Config, skip=("model", "data", "train"))]
+    groups = [("top level", top),
+              ("data", rows("data.", DataConfig)), ("train", rows("train.", TrainConfig))]
+    for name in [get_spec(model).name] if model else names():
+        spec = get_spec(name)
+        presets = "; ".join(f"{p} = {_yaml_scalar(v)}" for p, v in spec.presets.items())
+        model_rows = rows("model.", spec.config_cls)
+        model_rows.insert(1, ("model.preset", "str | None", "null", f"a named size; model keys given override it: "
+                                                                    f"{presets}"))
+        groups.append((f"model {name} ({spec.task} data)", model_rows))
+    return groups
+
+
+def _doc(f: dataclasses.Field) -> str:
+    doc, choices = f.metadata.get("doc", ""), f.metadata.get("choices", ())
+    if choices and not all(c in doc for c in choices):
+        doc += f" (one of: {', '.join(choices)})"
+    return doc
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _yaml_scalar(value) -> str:
+    text = yaml.safe_dump(_lists(value), default_flow_style=True, sort_keys=False, width=10**6)
+    return text.removesuffix("\n...\n").strip()
