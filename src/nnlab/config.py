@@ -105,6 +105,8 @@ class TrainConfig:
                                    choices=("default", "reduce-overhead", "max-autotune",
                                             "max-autotune-no-cudagraphs"))
     channels_last: bool = documented(False, "NHWC memory format for convolutional models")
+    activation_checkpointing: bool = documented(False, "recompute each block's activations in backward: less "
+                                                "memory, about a third more compute")
     tune_allocator: bool = documented(True, "CPU: keep freed memory for reuse (see nnlab/train/allocator.py)")
     max_bad_steps: int = documented(0, "skip up to this many NaN/Inf losses instead of stopping", non_negative=True)
     strategy: str = documented("ddp", "under torchrun: ddp (replicate) or fsdp (shard with FSDP2 fully_shard)",

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from nnlab.config import documented
 from nnlab.models import model_name, register
@@ -44,8 +43,6 @@ class GPTConfig:
     bias: bool = documented(True, "biases in Dense and LayerNorm layers (GPT-2: True)")
     explicit: bool = documented(False, "True: the article's attention / dense formulas via nnlab.ops; False: SDPA, "
                                 "F.linear")
-    activation_checkpointing: bool = documented(False, "recompute each block in backward: less memory, ~1/3 more "
-                                                "compute")
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -89,10 +86,6 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         maps, new_past = [], []
         for i, block in enumerate(self.blocks):
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # Keep only each block's input; its activations are recomputed during backward.
-                x = checkpoint(lambda h, b=block: b(h)[0], x, use_reentrant=False)
-                continue
             x, A, kv = block(x, past_kv=past[i] if past else None, need_weights=need_weights, use_cache=use_cache)
             maps.append(A)  # (B, n_head, T, t0 + T) or None
             new_past.append(kv)  # K, V each (B, n_head, t0 + T, d_k); None unless use_cache

@@ -4,7 +4,7 @@ Launch with torchrun (`torchrun --nproc_per_node=N -m nnlab train RECIPE`); with
 size is 1 and nothing here does anything. Backend: nccl on CUDA, gloo on CPU.
 
 Order, applied from outside the model (as in torchtitan): channels_last memory format (loop) ->
-activation checkpointing (a model config switch) -> FSDP2 sharding (in place, per block, then the
+activation checkpointing (per block, in place) -> FSDP2 sharding (in place, per block, then the
 root) -> torch.compile (nnlab/train/compile.py) -> DDP wrapper. The model files never see any of it.
 """
 
@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nnlab.config import TrainConfig
+from nnlab.errors import ConfigError
 from nnlab.train.compile import compile_model
 
 
@@ -50,8 +52,8 @@ def init() -> Env:
 def shutdown(ok: bool = True) -> None:
     if dist.is_initialized():
         # After a clean run, wait for rank 0 to finish writing: tearing down gloo while a peer is
-        # still in its last collective aborted a rank ("terminate called without an active
-        # exception") in CI. After an error, don't wait: the peers may never arrive.
+        # still in its last collective can abort that peer. After an error, don't wait: the peers
+        # may never arrive.
         try:
             if ok:
                 dist.barrier()
@@ -87,23 +89,47 @@ def grad_sync(fmodel: nn.Module, sync: bool):
         yield
 
 
-def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env, compile_mode: str = "default") -> nn.Module:
-    """Wrap the single-device model for speed and scale; returns the module to call in the loop.
+def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The model's list of repeated blocks (transformer blocks, CNN stages, MLP layers), if any:
+    the units activation checkpointing and FSDP apply to."""
+    return next((m for m in (getattr(model, n, None) for n in ("blocks", "stages", "layers"))
+                 if isinstance(m, nn.ModuleList)), None)
 
-    FSDP2 shards `model` in place (its parameters become DTensors), so the loop keeps using
-    `model` for evaluation and checkpoints; DDP and compile return wrappers used only for training.
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Wrap each repeated block of `model` in place so that backward recomputes its activations
+    from its input instead of keeping them. The wrapper adds no state-dict keys (it maps its own
+    prefix away), so checkpoints and saved models load into a plain model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    blocks = repeated_blocks(model)
+    if blocks is None:
+        raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} has no repeated blocks to "
+                          "checkpoint")
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block)  # non-reentrant torch.utils.checkpoint; dropout masks replay
+
+
+def parallelize(model: nn.Module, t: TrainConfig, env: Env) -> nn.Module:
+    """Apply train config `t`'s scaling to the single-device model; returns the module to call in
+    the loop.
+
+    Activation checkpointing and FSDP2 change `model` in place (FSDP's parameters become
+    DTensors), so the loop keeps using `model` for evaluation and checkpoints; compile and DDP
+    return wrappers used only for training.
     """
-    if env.world_size > 1 and strategy == "fsdp":
+    if t.activation_checkpointing:
+        checkpoint_activations(model)
+    if env.world_size > 1 and t.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         # Shard each repeated block on its own, so only one block's full weights exist at a time.
-        for blocks in (getattr(model, "blocks", None), getattr(model, "stages", None), getattr(model, "layers", None)):
-            for block in blocks or []:
-                fully_shard(block)
+        for block in repeated_blocks(model) or []:
+            fully_shard(block)
         fully_shard(model)
-    if compile:
-        model = compile_model(model, compile_mode, env.device)
-    if env.world_size > 1 and strategy == "ddp":
+    if t.compile:
+        model = compile_model(model, t.compile_mode, env.device)
+    if env.world_size > 1 and t.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)

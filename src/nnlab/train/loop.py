@@ -97,7 +97,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     if env.is_main and not resume:
         runfolder.write_config(run_dir, cfg)
     # Sharding (FSDP) changes the parameters, so it comes before the optimizer is built.
-    fmodel = distributed.parallelize(model, t.compile, t.strategy, env, t.compile_mode)
+    fmodel = distributed.parallelize(model, t, env)
     optimizer = make_optimizer(model, t, fused=env.world_size == 1)
     # Listed once: walking the modules for model.parameters() took ~3.5 us a tensor, ~185 us a step
     # for the baby GPT.
