@@ -78,7 +78,8 @@ class TrainConfig:
     optimizer: str = documented("sgd", "sgd (the article's theta <- theta - alpha*grad, optional momentum) or adamw",
                                 choices=("sgd", "adamw"))
     momentum: float = documented(0.0, "sgd only", non_negative=True)
-    weight_decay: float = documented(0.0, "decoupled (adamw) or L2 (sgd) weight decay", non_negative=True)
+    weight_decay: float = documented(0.0, "decoupled (adamw) or L2 (sgd) decay of matrices and conv filters",
+                                     non_negative=True)
     beta1: float = documented(0.9, "adamw's first-moment decay")
     beta2: float = documented(0.999, "adamw's second-moment decay")
     loss: str = documented("auto", "auto (mse for tabular data, else cross_entropy), cross_entropy, or mse (the "

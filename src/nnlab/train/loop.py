@@ -109,8 +109,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     all_ranks = env.world_size > 1 and t.strategy == "fsdp"
 
     total = task.total_steps()
-    unit = "tokens" if task.kind == "text" else "samples"
-    per_step = t.batch_size * (task.block_size if task.kind == "text" else 1)
+    unit, per_step = task.unit, task.items_per_step()
     log = RunLogger(run_dir if env.is_main else None, total, unit, start_step=step)
     log.say(f"{cfg.recipe}: {cfg.model.name} with {n_params:,} parameters, {total} steps of {t.batch_size} "
             f"on {env.device} x{env.world_size}, precision {precision} ({precision_why}); run folder {run_dir}")
