@@ -48,7 +48,7 @@ BENCH = {
                steps=(10, 400), flops=lambda: 3 * 2 * conv_fc_macs(Net(), torch.zeros(1, 1, 28, 28)), unit="samples"),
     "B3": dict(plain=("plain loop (nanoGPT-style, fp32)", b3_gpt.plain, (10, 100)), recipe="gpt-shakespeare",
                # Compiled code goes to inductor's cache folder for this capability, not the plain one
-               # (nnlab.train.distributed.separate_inductor_cache says why: they must not mix).
+               # (nnlab.train.compile.separate_inductor_cache says why: they must not mix).
                variants=[("nnlab gpt-shakespeare (fp32, as shipped)", {}, time_nnlab),
                          ("nnlab + compile (fp32)", {"train.compile": True}, time_nnlab)],
                steps=(10, 100), flops=lambda: gpt_train_flops_per_token(GPT(GPTConfig(vocab_size=65)), b3_gpt.BLOCK),

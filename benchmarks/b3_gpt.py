@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (ROOT, Ctx, attempt, auto_note, fmt, gpt_train_flops_per_token, isolated, keep, read_events,
+from common import (Ctx, attempt, auto_note, fmt, gpt_train_flops_per_token, isolated, keep, read_events,
                     kernels_off, summarize, time_nnlab, timed, train_quiet, training_table)
 from nnlab.config import load_config
 from nnlab.models.gpt import GPT, GPTConfig
@@ -35,9 +35,8 @@ BEST = "gpt-shakespeare-speedrun"
 
 
 def text_path() -> Path:
-    """The recipe's corpus; its path is relative to the repository root, so resolve it from there."""
-    p = Path(load_config("gpt-shakespeare").data.path)
-    return p if p.is_absolute() else (ROOT / p).resolve()
+    """The recipe's corpus (config resolves it under the data root)."""
+    return Path(load_config("gpt-shakespeare").data.path)
 
 
 def nanogpt_setup(device: torch.device):

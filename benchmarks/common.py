@@ -373,7 +373,7 @@ def time_nnlab(recipe: str, overrides: dict, warm: int, steady: int, out: str) -
     if len(clock.stamps) < total:
         raise RuntimeError(f"{recipe}: expected {total} optimizer steps, saw {len(clock.stamps)}")
     cfg = read_config(run_dir)
-    per_step = cfg.train.batch_size * (int(cfg.model["block_size"]) if cfg.data.name == "text" else 1)
+    per_step = cfg.train.batch_size * (cfg.model.block_size if cfg.data.name == "text" else 1)
     windows = [(e["step"], next(v for k, v in e.items() if k.endswith("_per_s"))) for e in read_events(run_dir, "train")]
     warm_s = warm * per_step / windows[0][1]
     loop_s, prev = 0.0, warm

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from nnlab.data import write_idx
+from nnlab.recipes import resolve_data_path
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = Path(resolve_data_path("tinyshakespeare.txt"))  # under the data root, where the recipes find it
 N_TRAIN, N_TEST = 320, 100
 CLI_TIMEOUT = 120
 

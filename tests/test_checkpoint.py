@@ -21,7 +21,7 @@ import nnlab
 from nnlab import cli, runfolder
 from nnlab.config import Config, TrainConfig
 from nnlab.errors import NnlabError
-from nnlab.models import build_model
+from nnlab.models import build_model, model_config
 from nnlab.runfolder import check_safetensors, load_tensors, save_model, save_tensors
 from nnlab.train.distributed import Env
 from nnlab.train.optim import make_optimizer
@@ -348,7 +348,8 @@ def test_a_checkpoint_restores_the_optimizer_exactly(tmp_path, name, channels_la
     steps_taken = []
     hook = register_optimizer_step_post_hook(lambda *_: steps_taken.append(1))
     try:
-        runfolder.save_checkpoint(tmp_path, a, opt_a, Config(train=t), Env(), step=3, bad_steps=0, train_seconds=1.5)
+        cfg = Config(model=model_config("seed-cnn"), train=t)
+        runfolder.save_checkpoint(tmp_path, a, opt_a, cfg, Env(), step=3, bad_steps=0, train_seconds=1.5)
     finally:
         hook.remove()
     assert not steps_taken, "saving a checkpoint stepped the optimizer"

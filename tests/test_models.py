@@ -4,18 +4,19 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from nnlab.models import REGISTRY, build_model, names, set_explicit
 from nnlab import kernels
+from nnlab.errors import ConfigError
 from nnlab.kernels import build
+from nnlab.models import REGISTRY, build_model, model_config, names, set_explicit
 from nnlab.runfolder import load_tensors, save_tensors
 
-TINY = {
-    "mlp": dict(in_features=12, hidden=(8, 8), out_features=3),
-    "seed-cnn": {},
-    "cnn": dict(width=4),
-    "gpt": dict(vocab_size=11, n_layer=1, n_head=2, n_embd=16, block_size=8),
-    "vit": dict(patch_size=7, n_layer=1, n_head=2, n_embd=16),
-}
+# What the data would set, per task: the sizes the example inputs below have.
+DATA_FIELDS = {"text": dict(vocab_size=11), "tabular": dict(in_features=12, out_features=3), "image": {}}
+
+
+def tiny(name: str):
+    """Model `name` at its tiny preset, sized for example_input(name)."""
+    return build_model(name, preset="tiny", **DATA_FIELDS[REGISTRY[name].task])
 
 
 def example_input(name: str, batch: int = 3) -> torch.Tensor:
@@ -31,14 +32,14 @@ def expected_shape(name: str, batch: int = 3) -> tuple:
     return {"text": (batch, 8, 11), "tabular": (batch, 3), "image": (batch, 10)}[REGISTRY[name].task]
 
 
-def test_every_registered_model_has_a_tiny_config():
-    assert set(names()) == set(TINY), "add the new model to TINY so the contract tests cover it"
+def test_every_registered_model_has_a_tiny_preset():
+    assert [n for n in names() if "tiny" not in REGISTRY[n].presets] == []
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", names())
 def test_contract(name, tmp_path):
     torch.manual_seed(0)
-    model = build_model(name, **TINY[name])
+    model = tiny(name)
     x = example_input(name)
     out = model(x)
     assert out.shape == expected_shape(name)
@@ -54,14 +55,14 @@ def test_contract(name, tmp_path):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: {pname} got no gradient"
     # safetensors round trip gives the same outputs
     save_tensors(tmp_path / "m.safetensors", model.state_dict())
-    clone = build_model(name, **TINY[name])
+    clone = tiny(name)
     tensors, _ = load_tensors(tmp_path / "m.safetensors")
     clone.load_state_dict(tensors)
     model.eval(), clone.eval()
     assert_close(clone(x), model(x))
 
 
-LAYOUTS = [(n, "contiguous") for n in sorted(TINY)] + [
+LAYOUTS = [(n, "contiguous") for n in names()] + [
     (n, "channels_last") for n in names() if REGISTRY[n].task == "image"]
 
 
@@ -71,7 +72,7 @@ def test_explicit_path_matches_fast_path(name, layout):
     ReLU) or run nnlab's own kernel (2x2 pooling of channels-last tensors) but must compute the
     same function."""
     torch.manual_seed(0)
-    model = build_model(name, **TINY[name]).eval()
+    model = tiny(name).eval()
     x = example_input(name)
     if layout == "channels_last":
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -87,6 +88,18 @@ def test_explicit_path_matches_fast_path(name, layout):
     assert_close(slow, fast, atol=1e-4, rtol=1e-4)
     for n in fast_grads:
         assert_close(slow_grads[n], fast_grads[n], atol=1e-4, rtol=1e-4, msg=f"{name}: gradient of {n}")
+
+
+def test_model_config_is_defaults_then_preset_then_fields():
+    cfg = model_config("gpt", preset="tiny", n_layer=3)
+    assert (cfg.name, cfg.n_layer, cfg.n_embd, cfg.vocab_size) == ("gpt", 3, 16, 65)
+    assert type(build_model(cfg)).__name__ == "GPT" and build_model(cfg).cfg is cfg
+    with pytest.raises(ConfigError, match="model.hiden: not a field of model 'mlp'; did you mean model.hidden"):
+        model_config("mlp", hiden=(8,))
+    with pytest.raises(ConfigError, match="model.preset: 'huge' is not a preset of model vit; choose one of tiny"):
+        model_config("vit", preset="huge")
+    with pytest.raises(ConfigError, match="model.name"):
+        build_model(model_config("gpt", name="vit"))  # a GPTConfig cannot configure a ViT
 
 
 def test_seed_cnn_is_the_articles_architecture():

@@ -123,8 +123,43 @@ def test_max_autotune_times_gemm_kernels_and_matches_eager(tmp_path, text_file, 
 
 def test_activation_checkpointing_gives_the_same_curve(tmp_path, text_file, one_thread):
     plain = losses(train(tmp_path, "plain", gpt_args(text_file, "train.max_steps=4")))
-    ckpt = losses(train(tmp_path, "ckpt", gpt_args(text_file, "train.max_steps=4", "model.activation_checkpointing=true")))
-    assert ckpt == pytest.approx(plain, rel=1e-5)
+    ckpt_run = train(tmp_path, "ckpt", gpt_args(text_file, "train.max_steps=4", "train.activation_checkpointing=true"))
+    assert losses(ckpt_run) == pytest.approx(plain, rel=1e-5)
+    model, _ = nnlab.load(ckpt_run)  # the saved weights load into a plain model
+    assert not any("checkpoint" in name for name, _ in model.named_modules())
+
+
+def test_activation_checkpointing_recomputes_blocks_and_keeps_outputs_grads_and_keys():
+    """parallelize wraps every block: backward runs each block's forward again (dropout replays the
+    same masks), and losses, gradients and state-dict keys are the plain model's."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from nnlab.config import TrainConfig
+    from nnlab.models import build_model
+    from nnlab.train.distributed import Env, parallelize
+
+    torch.manual_seed(0)
+    plain = build_model("gpt", preset="tiny", n_layer=2, vocab_size=11, dropout=0.1).train()
+    wrapped = copy.deepcopy(plain)
+    fmodel = parallelize(wrapped, TrainConfig(activation_checkpointing=True), Env())
+    x = torch.randint(0, 11, (3, 16))
+    results = {}
+    for name, model, module in (("plain", plain, plain), ("wrapped", wrapped, fmodel)):
+        calls = []
+        model.blocks[0].attn.register_forward_hook(lambda *a: calls.append(1))
+        torch.manual_seed(1)
+        loss = F.cross_entropy(module(x).flatten(0, 1), x.flatten())
+        loss.backward()
+        results[name] = loss.item(), [p.grad for p in model.parameters()], len(calls)
+    assert results["plain"][2] == 1 and results["wrapped"][2] == 2  # forward, then again in backward
+    assert results["wrapped"][0] == pytest.approx(results["plain"][0], rel=1e-6)
+    for g_wrapped, g_plain in zip(results["wrapped"][1], results["plain"][1], strict=True):
+        torch.testing.assert_close(g_wrapped, g_plain)
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    fresh = build_model("gpt", preset="tiny", n_layer=2, vocab_size=11, dropout=0.1)
+    fresh.load_state_dict(wrapped.state_dict())  # strict: the same keys, the same shapes
 
 
 def _nan_at(step_to_poison: int, monkeypatch):
@@ -160,12 +195,14 @@ def test_max_bad_steps_skips_a_bad_batch(tmp_path, text_file, monkeypatch, one_t
 
 def test_a_cpu_capability_override_gets_its_own_inductor_cache(monkeypatch):
     """Code compiled under ATEN_CPU_CAPABILITY=avx2 must not be found by a run without it (nor the
-    other way round): distributed.separate_inductor_cache says why. Nothing is compiled here: the
+    other way round): compile.separate_inductor_cache says why. Nothing is compiled here: the
     folder is chosen before torch.compile and read by inductor at its first cache access."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
 
+    from nnlab.config import TrainConfig
     from nnlab.models import build_model
-    from nnlab.train.distributed import Env, parallelize, separate_inductor_cache
+    from nnlab.train.compile import separate_inductor_cache
+    from nnlab.train.distributed import Env, parallelize
 
     for name in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY"):  # setenv first: restored after the test
         monkeypatch.setenv(name, "")
@@ -173,7 +210,7 @@ def test_a_cpu_capability_override_gets_its_own_inductor_cache(monkeypatch):
     assert separate_inductor_cache() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    parallelize(build_model("gpt", n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=5), True, "ddp", Env())
+    parallelize(build_model("gpt", preset="tiny"), TrainConfig(compile=True), Env())
     assert cache_dir() == default_cache_dir() + "_avx2"
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/chosen-by-the-user")  # a user's choice is kept
@@ -181,7 +218,7 @@ def test_a_cpu_capability_override_gets_its_own_inductor_cache(monkeypatch):
 
 
 def test_compile_options_keep_the_mode_and_add_a_cpp_wrapper_on_cpu():
-    from nnlab.train.distributed import compile_options
+    from nnlab.train.compile import compile_options
 
     assert compile_options("default", torch.device("cpu")) == {"cpp_wrapper": True}
     auto = compile_options("max-autotune-no-cudagraphs", torch.device("cpu"))

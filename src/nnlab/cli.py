@@ -50,7 +50,20 @@ def cmd_info(a) -> None:
     print(format_machine_info(machine_info()))
 
 
-VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "recipes": cmd_recipes, "info": cmd_info}
+def cmd_keys(a) -> None:
+    from nnlab.config import key_groups
+
+    groups = key_groups(a.model)
+    width = [max(len(row[i]) for _, rows in groups for row in rows) for i in range(3)]
+    print("Every config key: set it in a recipe, a --config file, or with --set KEY=VALUE.")
+    for title, rows in groups:
+        print(f"\n{title}")
+        for key, type_name, default, doc in rows:
+            print(f"  {key:<{width[0]}}  {type_name:<{width[1]}}  {default:<{width[2]}}  {doc}")
+
+
+VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "recipes": cmd_recipes, "keys": cmd_keys,
+         "info": cmd_info}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,6 +85,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int)
     sub.add_parser("recipes", help="list the shipped recipes")
+    k = sub.add_parser("keys", help="list every config key with its type, default and doc")
+    k.add_argument("--model", help="only this model's keys (default: every model's)")
     sub.add_parser("info", help="what decides speed here: CPU flags, precision=auto, torch, nnlab's kernels, CUDA")
     return p
 

@@ -1,84 +1,127 @@
 """Typed config: one dataclass per concern, one source of defaults, strict validation.
 
-A run is configured by a recipe (a YAML file shipped in nnlab/recipes/, or a path), then an
-optional `--config FILE.yaml`, then `--set section.key=value` overrides, applied in that order.
-Every key maps 1:1 to a dataclass field below; an unknown key or a value of the wrong type is a
-ConfigError naming the key (and the closest valid key, if any). `model.*` keys are checked against
-the chosen model's own config dataclass (nnlab/models/<name>.py).
+A run is configured in layers, each merged over the ones before it: a recipe (a YAML file shipped
+in nnlab/recipes/, or a path) and the recipes it names as `base:` (the base first), then an optional
+`--config FILE.yaml`, then `--set section.key=value` overrides. Every key maps 1:1 to a dataclass
+field: DataConfig and TrainConfig below, and under `model:` the chosen model's own config dataclass
+(nnlab/models/<name>.py). An unknown key or a value of the wrong type is a ConfigError naming the
+key and the closest valid one; `nnlab keys` lists them all, with types, defaults and docs (each
+field's `documented(...)` doc).
+
+The model. `Config.model` is the model's config dataclass itself (GPTConfig, SeedCNNConfig, ...).
+Each one's first field is `name`, whose default is the model's registry name, so the name travels
+with the config: YAML writes `model: {name: gpt, n_layer: 4}` and reads it back into a GPTConfig.
+A model registers named presets (sizes such as tiny and baby); `model.preset: NAME` in a layer sets
+the preset's keys at that layer: over the model keys of earlier layers, under the keys given beside
+it and in later layers. A layer that names another model starts the model section afresh.
+
+Data paths (data.path, data.dir). A relative path in a shipped recipe resolves against the data
+root: $NNLAB_DATA_ROOT, else the `shared/data` folder beside the clone (<repo>/../shared/data,
+found from the package's location); never against the current directory. A path given in a file
+of your own (as the recipe or with --config) or with --set resolves against the current directory,
+as a shell path does. config.yaml records the absolute path either way. Reading recipes, their
+base chains and their paths is nnlab/recipes/__init__.py's job.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from nnlab.errors import ConfigError
+# read_yaml and recipe_names are read from here by the run folder and the CLI.
+from nnlab.recipes import is_shipped, read_yaml, recipe_layers, recipe_names, with_paths_resolved  # noqa: F401
+
+
+def documented(default, doc: str, *, choices: tuple = (), positive: bool = False, non_negative: bool = False):
+    """A dataclass field with its one-line doc (what `nnlab keys` prints) and its checks."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "positive": positive,
+                                            "non_negative": non_negative})
 
 
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"  # fashion-mnist | mnist | digits | text | diabetes | csv
-    dir: str | None = None  # folder of the IDX files (default: Debian's dataset-fashion-mnist folder)
-    path: str | None = None  # a UTF-8 text file (name=text) or a CSV file (name=csv)
-    target: str | None = None  # the CSV column to predict
-    tokenizer: str = "char"  # text: char (vocabulary from the corpus) | byte (UTF-8 bytes)
-    image_size: int | None = None  # resize images to this side (e.g. 28 to feed digits to seed-cnn)
-    limit: int | None = None  # keep only the first N training and N test images (tiny runs)
-    test_frac: float = 0.2  # digits / tabular: fraction held out for test
-    split_seed: int = 0  # digits / tabular: seed of the train/test split
+    name: str = documented("fashion-mnist", "the data set",
+                           choices=("fashion-mnist", "mnist", "digits", "text", "diabetes", "csv"))
+    dir: str | None = documented(None, "folder of the IDX files (default: Debian's dataset-fashion-mnist "
+                                 "folder); resolved like data.path")
+    path: str | None = documented(None, "a UTF-8 text file (name=text) or CSV file (name=csv); relative: in a "
+                                  "shipped recipe against $NNLAB_DATA_ROOT (default <repo>/../shared/data), "
+                                  "elsewhere against the current directory")
+    target: str | None = documented(None, "csv: the column to predict")
+    tokenizer: str = documented("char", "text: char (vocabulary from the corpus) or byte (UTF-8 bytes)",
+                                choices=("char", "byte"))
+    image_size: int | None = documented(None, "resize images to this side (e.g. 28 to feed digits to seed-cnn)",
+                                        positive=True)
+    limit: int | None = documented(None, "keep only the first N training and N test images (tiny runs)",
+                                   positive=True)
+    test_frac: float = documented(0.2, "digits / tabular: fraction held out for test")
+    split_seed: int = documented(0, "digits / tabular: seed of the train/test split")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1  # passes over the training set (ignored when max_steps is set)
-    max_steps: int | None = None  # optimizer steps; overrides epochs (language models use this)
-    batch_size: int = 64  # the global batch: split over ranks and accumulation steps
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 0.01  # peak learning rate alpha
-    optimizer: str = "sgd"  # sgd (the article's theta <- theta - alpha*grad, optional momentum) | adamw
-    momentum: float = 0.0  # sgd only
-    weight_decay: float = 0.0
-    beta1: float = 0.9  # adamw
-    beta2: float = 0.999  # adamw
-    loss: str = "auto"  # auto | cross_entropy | mse (the article's 1/(2N) sum (y - y*)^2)
-    label_smoothing: float = 0.0  # cross-entropy only
-    schedule: str = "constant"  # constant | cosine | linear (after warmup, decay to min_lr)
-    warmup_steps: int = 0  # linear warmup from 0 to lr over this many steps
-    warmup_frac: float = 0.0  # ... or over this fraction of all steps (set one of the two)
-    min_lr: float = 0.0  # the end point of cosine / linear decay
-    grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
-    seed: int = 1337  # seeds Python, NumPy and torch; also the data order
-    eval_every: int = 0  # steps between evaluations; 0 = once per epoch (and at the end)
-    eval_iters: int = 200  # language models: batches averaged for the validation loss
-    eval_batch_size: int = 1000  # classifiers: test images per forward pass
-    log_every: int = 50  # steps between log lines / metrics.jsonl records
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = at every evaluation
-    precision: str = "auto"  # auto (bf16 only where the hardware runs it natively) | fp32 | bf16
-    compile: bool = False  # torch.compile the model (eager with a warning where unsupported)
-    # torch.compile's mode. max-autotune-no-cudagraphs times each matmul's candidate kernels at the
-    # first compile (on CPU: inductor's AMX / AVX-512 C++ GEMM templates against ATen's) and keeps
-    # the fastest; the first compile takes ~50 s longer. For the baby GPT in bf16 its steps were ~20%
-    # faster before nnlab's attention kernel; with the kernel, interleaved in one process, 0.98x the
-    # default mode's step time at batch 12 and 0.99x at batch 32: no measurable gain.
-    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
-    channels_last: bool = False  # NHWC memory format for convolutional models
-    tune_allocator: bool = True  # CPU: keep freed memory for reuse (see nnlab/train/allocator.py)
-    max_bad_steps: int = 0  # skip up to this many NaN/Inf losses instead of stopping
-    strategy: str = "ddp"  # under torchrun: ddp (replicate) | fsdp (shard with FSDP2 fully_shard)
+    epochs: int = documented(1, "passes over the training set (ignored when max_steps is set)", positive=True)
+    max_steps: int | None = documented(None, "optimizer steps; overrides epochs (language models use this)",
+                                       positive=True)
+    batch_size: int = documented(64, "the global batch: split over ranks and accumulation steps", positive=True)
+    grad_accum: int = documented(1, "micro-batches per optimizer step", positive=True)
+    lr: float = documented(0.01, "peak learning rate alpha", non_negative=True)
+    optimizer: str = documented("sgd", "sgd (the article's theta <- theta - alpha*grad, optional momentum) or adamw",
+                                choices=("sgd", "adamw"))
+    momentum: float = documented(0.0, "sgd only", non_negative=True)
+    weight_decay: float = documented(0.0, "decoupled (adamw) or L2 (sgd) decay of matrices and conv filters",
+                                     non_negative=True)
+    beta1: float = documented(0.9, "adamw's first-moment decay")
+    beta2: float = documented(0.999, "adamw's second-moment decay")
+    loss: str = documented("auto", "auto (mse for tabular data, else cross_entropy), cross_entropy, or mse (the "
+                           "article's 1/(2N) sum (y - y*)^2)", choices=("auto", "cross_entropy", "mse"))
+    label_smoothing: float = documented(0.0, "cross-entropy only", non_negative=True)
+    schedule: str = documented("constant", "after warmup: constant, or cosine / linear decay to min_lr",
+                               choices=("constant", "cosine", "linear"))
+    warmup_steps: int = documented(0, "linear warmup from 0 to lr over this many steps", non_negative=True)
+    warmup_frac: float = documented(0.0, "... or over this fraction of all steps (set one of the two)",
+                                    non_negative=True)
+    min_lr: float = documented(0.0, "the end point of cosine / linear decay", non_negative=True)
+    grad_clip: float = documented(0.0, "clip the global gradient norm to this (0 = off)", non_negative=True)
+    seed: int = documented(1337, "seeds Python, NumPy and torch; also the data order")
+    eval_every: int = documented(0, "steps between evaluations; 0 = once per epoch (and at the end)",
+                                 non_negative=True)
+    eval_iters: int = documented(200, "language models: batches averaged for the validation loss", positive=True)
+    eval_batch_size: int = documented(1000, "classifiers: test images per forward pass", positive=True)
+    log_every: int = documented(50, "steps between log lines / metrics.jsonl records", positive=True)
+    checkpoint_every: int = documented(0, "steps between checkpoints; 0 = at every evaluation", non_negative=True)
+    precision: str = documented("auto", "auto (bf16 only where the hardware runs it natively), fp32 or bf16",
+                                choices=("auto", "fp32", "bf16"))
+    compile: bool = documented(False, "torch.compile the model (eager with a warning where unsupported)")
+    compile_mode: str = documented("default", "torch.compile's mode; nnlab/train/compile.py says what each does",
+                                   choices=("default", "reduce-overhead", "max-autotune",
+                                            "max-autotune-no-cudagraphs"))
+    channels_last: bool = documented(False, "NHWC memory format for convolutional models")
+    activation_checkpointing: bool = documented(False, "recompute each block's activations in backward: less "
+                                                "memory, about a third more compute")
+    tune_allocator: bool = documented(True, "CPU: keep freed memory for reuse (see nnlab/train/allocator.py)")
+    max_bad_steps: int = documented(0, "skip up to this many NaN/Inf losses instead of stopping", non_negative=True)
+    strategy: str = documented("ddp", "under torchrun: ddp (replicate) or fsdp (shard with FSDP2 fully_shard)",
+                               choices=("ddp", "fsdp"))
 
 
-@dataclass
+ModelConfig = Any  # a registered model's config dataclass (nnlab.models), e.g. GPTConfig
+
+
+@dataclass(kw_only=True)
 class Config:
-    recipe: str = ""
-    description: str = ""
-    model: dict = field(default_factory=lambda: {"name": "seed-cnn"})
+    recipe: str = documented("", "the recipe's name (set from the recipe)")
+    description: str = documented("", "one line on what the recipe is for")
+    model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -86,65 +129,24 @@ class Config:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "data.name": ("fashion-mnist", "mnist", "digits", "text", "diabetes", "csv"),
-    "data.tokenizer": ("char", "byte"),
-    "train.optimizer": ("sgd", "adamw"),
-    "train.loss": ("auto", "cross_entropy", "mse"),
-    "train.schedule": ("constant", "cosine", "linear"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "train.strategy": ("ddp", "fsdp"),
-    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-}
-POSITIVE = {"train.batch_size", "train.grad_accum", "train.log_every", "train.eval_iters",
-            "train.eval_batch_size", "train.epochs", "train.max_steps", "data.limit", "data.image_size"}
-NON_NEGATIVE = {"train.lr", "train.momentum", "train.weight_decay", "train.warmup_steps", "train.warmup_frac",
-                "train.min_lr", "train.grad_clip", "train.eval_every", "train.checkpoint_every",
-                "train.max_bad_steps", "train.label_smoothing"}
+TOP_KEYS = {"base": "a recipe (shipped name or YAML path) whose keys this one starts from",
+            "recipe": Config.__dataclass_fields__["recipe"].metadata["doc"],
+            "description": Config.__dataclass_fields__["description"].metadata["doc"]}
 
 
-# --- recipes -------------------------------------------------------------------------------------
-
-def recipe_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("nnlab.recipes").iterdir() if p.name.endswith(".yaml"))
-
-
-def read_yaml(path: str | Path) -> dict:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config: {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config: {path}: cannot read ({e.__class__.__name__})") from None
-    try:
-        d = yaml.safe_load(text)
-    except yaml.YAMLError as e:  # problem and problem_mark say what is wrong and where
-        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config: {path}: not valid YAML{where}: {problem.splitlines()[0]}") from None
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"config: {path}: expected a mapping of sections, got {type(d).__name__}")
-    return d
-
+# --- recipes and merging -------------------------------------------------------------------------
 
 def recipe_dict(recipe: str) -> dict:
-    """A shipped recipe by name, or any YAML file by path."""
-    if recipe.endswith((".yaml", ".yml")) or "/" in recipe:
-        d = read_yaml(recipe)
+    """A shipped recipe by name, or any YAML file by path, merged with its base chain."""
+    d: dict = {}
+    for layer in recipe_layers(recipe):
+        d = merge_layer(d, layer)
+    if is_shipped(recipe):
+        d["recipe"] = recipe
+    else:
         d.setdefault("recipe", Path(recipe).stem)
-        return d
-    if recipe not in recipe_names():
-        near = difflib.get_close_matches(recipe, recipe_names(), n=1)
-        hint = f"; did you mean {near[0]}?" if near else "; see `nnlab recipes`"
-        raise ConfigError(f"recipe: unknown recipe {recipe!r}{hint}")
-    d = yaml.safe_load(resources.files("nnlab.recipes").joinpath(f"{recipe}.yaml").read_text("utf-8")) or {}
-    d["recipe"] = recipe
     return d
 
-
-# --- merging and validation ----------------------------------------------------------------------
 
 def parse_overrides(items: list[str] | dict | None) -> dict:
     """`["train.lr=0.1", "model.hidden=[32,32]"]` -> nested dict; values are parsed as YAML scalars."""
@@ -184,12 +186,39 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _valid_keys(model_name: str | None) -> list[str]:
-    keys = ["recipe", "description"]
+def expand_preset(model: dict, name=None) -> dict:
+    """`model` (a model section) with its `preset` key replaced by the preset's keys; the keys
+    given beside it win. `name` is the model when the section does not name it."""
+    if "preset" not in model:
+        return model
+    from nnlab.models import preset_values
+
+    name = model.get("name", name)
+    if not isinstance(name, str):
+        raise ConfigError("model.preset: name the model too (model.name), e.g. model: {name: gpt, preset: tiny}")
+    return {**preset_values(name, model["preset"]), **{k: v for k, v in model.items() if k != "preset"}}
+
+
+def merge_layer(acc: dict, layer: dict) -> dict:
+    """Merge one config layer over the ones before it (model sections as the module docstring says)."""
+    model = layer.get("model")
+    if isinstance(model, dict):
+        earlier = acc.get("model") if isinstance(acc.get("model"), dict) else {}
+        name = model.get("name", earlier.get("name"))
+        if name != earlier.get("name"):
+            acc = {**acc, "model": {}}
+        layer = {**layer, "model": expand_preset(model, name)}
+    return merge(acc, layer)
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+def _valid_keys(model_name) -> list[str]:
+    keys = list(TOP_KEYS)
     for sec, cls in (("data", DataConfig), ("train", TrainConfig)):
         keys += [f"{sec}.{f.name}" for f in dataclasses.fields(cls)]
-    keys.append("model.name")
-    if model_name:
+    keys += ["model.name", "model.preset"]
+    if isinstance(model_name, str):
         from nnlab.models import get_spec
 
         try:
@@ -203,7 +232,7 @@ def _unknown(key: str, valid: list[str]) -> ConfigError:
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     if not near:  # a bare field name under the wrong section, e.g. "lr" for "train.lr"
         near = [k for k in valid if k.endswith("." + key.split(".")[-1])][:1]
-    hint = f"; did you mean {near[0]}?" if near else ""
+    hint = f"; did you mean {near[0]}?" if near else "; `nnlab keys` lists them"
     return ConfigError(f"{key}: unknown config key{hint}")
 
 
@@ -221,7 +250,7 @@ def _check_type(key: str, value, tp):
                 return _check_type(key, value, a)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
     if origin is tuple:
         (elem, *_rest) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -239,69 +268,71 @@ def _check_type(key: str, value, tp):
     elif tp is str:
         if isinstance(value, str):
             return value
-    elif tp is dict:
-        if isinstance(value, dict):
-            return value
-    raise ConfigError(f"{key}: expected {_name(tp)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
 
 
-def _name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+def type_name(tp) -> str:
+    """`int`, `str | None`, `list[int]` (a tuple field: YAML writes it as a list)."""
+    if typing.get_origin(tp) is tuple:
+        return f"list[{type_name(typing.get_args(tp)[0])}]"
+    return tp.__name__ if typing.get_origin(tp) is None and hasattr(tp, "__name__") else str(tp).replace("typing.", "")
 
 
-def _build_section(sec: str, cls: type, d: dict, valid: list[str]):
+def _checked_fields(sec: str, cls: type, d, valid: list[str]) -> dict:
+    """The keys of section `d` checked against dataclass `cls`: known, of the right type, in range."""
     if not isinstance(d, dict):
         raise ConfigError(f"{sec}: expected a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
+    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
     for k, v in d.items():
         key = f"{sec}.{k}"
-        if k not in hints:
+        if k not in fields:
             raise _unknown(key, valid)
         v = _check_type(key, v, hints[k])
-        if key in CHOICES and v not in CHOICES[key]:
-            raise ConfigError(f"{key}: must be one of {', '.join(CHOICES[key])}, got {v!r}")
-        if key in POSITIVE and v is not None and v <= 0:
+        meta = fields[k].metadata
+        if meta.get("choices") and v not in meta["choices"]:
+            raise ConfigError(f"{key}: must be one of {', '.join(meta['choices'])}, got {v!r}")
+        if meta.get("positive") and v is not None and v <= 0:
             raise ConfigError(f"{key}: must be positive, got {v!r}")
-        if key in NON_NEGATIVE and v is not None and v < 0:
+        if meta.get("non_negative") and v is not None and v < 0:
             raise ConfigError(f"{key}: must not be negative, got {v!r}")
-        kwargs[k] = v
-    return cls(**kwargs)
+        out[k] = v
+    return out
+
+
+def parse_model(d, valid: list[str] | None = None) -> ModelConfig:
+    """A model section (`{name: gpt, preset: tiny, n_layer: 2}`, as YAML or model.json hold it)
+    -> the model's checked config dataclass, or a one-line ConfigError."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"model: expected a mapping, got {d!r}")
+    name = d.get("name")
+    if not isinstance(name, str):
+        raise ConfigError("model.name: missing; every recipe names its model")
+    from nnlab.models import get_spec
+
+    spec = get_spec(name)
+    fields = _checked_fields("model", spec.config_cls, expand_preset(d), valid or _valid_keys(name))
+    try:
+        return spec.config_cls(**fields)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 def build_config(d: dict) -> Config:
     """Validate a nested dict (recipe + overrides) into a Config, or raise a one-line ConfigError."""
     model = d.get("model") or {}
-    if not isinstance(model, dict):
-        raise ConfigError(f"model: expected a mapping, got {model!r}")
-    model_name = model.get("name")
-    valid = _valid_keys(model_name if isinstance(model_name, str) else None)
+    valid = _valid_keys(model.get("name") if isinstance(model, dict) else None)
     for k in d:
+        if k == "base":
+            raise ConfigError("base: only a recipe or --config file names a base recipe")
         if k not in ("recipe", "description", "model", "data", "train"):
             raise _unknown(str(k), valid)  # YAML keys can be numbers
-    if not isinstance(model_name, str):
-        raise ConfigError("model.name: missing; every recipe names its model")
-    from nnlab.models import get_spec
-
-    spec = get_spec(model_name)
-    hints = typing.get_type_hints(spec.config_cls)
-    model_out = {"name": model_name}
-    for k, v in model.items():
-        if k == "name":
-            continue
-        if k not in hints:
-            raise _unknown(f"model.{k}", valid)
-        model_out[k] = _check_type(f"model.{k}", v, hints[k])
-    try:
-        spec.config_cls(**{k: v for k, v in model_out.items() if k != "name"})
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model: {e}") from None
     cfg = Config(
         recipe=str(d.get("recipe", "")),
         description=str(d.get("description", "")),
-        model=model_out,
-        data=_build_section("data", DataConfig, d.get("data") or {}, valid),
-        train=_build_section("train", TrainConfig, d.get("train") or {}, valid),
+        model=parse_model(model, valid),
+        data=DataConfig(**_checked_fields("data", DataConfig, d.get("data") or {}, valid)),
+        train=TrainConfig(**_checked_fields("train", TrainConfig, d.get("train") or {}, valid)),
     )
     t = cfg.train
     if t.warmup_steps and t.warmup_frac:
@@ -318,16 +349,16 @@ def build_config(d: dict) -> Config:
 
 
 def load_config(recipe: str, config_file: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """The Config of `recipe`, then `config_file` (a YAML file, which may name a base), then the overrides."""
     d = recipe_dict(recipe)
-    if config_file:
-        d = merge(d, read_yaml(config_file))
-    return build_config(merge(d, parse_overrides(overrides)))
+    for layer in recipe_layers(config_file, as_file=True) if config_file else []:
+        d = merge_layer(d, layer)
+    return build_config(merge_layer(d, with_paths_resolved(parse_overrides(overrides), os.getcwd())))
 
 
 def dump_yaml(cfg: Config) -> str:
-    d = cfg.to_dict()
     # tuples are not plain YAML; lists read back into the same tuple fields.
-    return yaml.safe_dump(_lists(d), sort_keys=False)
+    return yaml.safe_dump(_lists(cfg.to_dict()), sort_keys=False)
 
 
 def _lists(x):
@@ -336,3 +367,44 @@ def _lists(x):
     if isinstance(x, (list, tuple)):
         return [_lists(v) for v in x]
     return x
+
+
+# --- `nnlab keys` --------------------------------------------------------------------------------
+
+def key_groups(model: str | None = None) -> list[tuple[str, list[tuple[str, str, str, str]]]]:
+    """Every config key as (group title, [(key, type, default as YAML, doc)]), read from the
+    dataclasses; the model keys of every registered model, or of `model` only."""
+    from nnlab.models import get_spec, names
+
+    def rows(prefix: str, cls: type, skip: tuple = ()) -> list[tuple[str, str, str, str]]:
+        hints = typing.get_type_hints(cls)
+        return [(f"{prefix}{f.name}", type_name(hints[f.name]), _yaml_scalar(_default(f)), _doc(f))
+                for f in dataclasses.fields(cls) if f.name not in skip]
+
+    top = [("base", "str | None", "null", TOP_KEYS["base"]), *rows("", Config, skip=("model", "data", "train"))]
+    groups = [("top level", top),
+              ("data", rows("data.", DataConfig)), ("train", rows("train.", TrainConfig))]
+    for name in [get_spec(model).name] if model else names():
+        spec = get_spec(name)
+        presets = "; ".join(f"{p} = {_yaml_scalar(v)}" for p, v in spec.presets.items())
+        model_rows = rows("model.", spec.config_cls)
+        model_rows.insert(1, ("model.preset", "str | None", "null", f"a named size; model keys given override it: "
+                                                                    f"{presets}"))
+        groups.append((f"model {name} ({spec.task} data)", model_rows))
+    return groups
+
+
+def _doc(f: dataclasses.Field) -> str:
+    doc, choices = f.metadata.get("doc", ""), f.metadata.get("choices", ())
+    if choices and not all(c in doc for c in choices):
+        doc += f" (one of: {', '.join(choices)})"
+    return doc
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _yaml_scalar(value) -> str:
+    text = yaml.safe_dump(_lists(value), default_flow_style=True, sort_keys=False, width=10**6)
+    return text.removesuffix("\n...\n").strip()

@@ -202,20 +202,20 @@ def save_model(run_dir: Path, weights: dict | nn.Module, model_cfg: dict, task_k
 
 def load(run_dir: str | Path, explicit: bool | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a trained model from its run folder alone: (model in eval mode, model.json contents)."""
+    from nnlab.config import parse_model
     from nnlab.models import build_model, set_explicit
 
     run_dir = Path(run_dir)
     try:
         info = json.loads((run_dir / MODEL_INFO).read_text(encoding="utf-8"))
-        fields = dict(info["model"])
-        name = fields.pop("name")
+        model_section = info["model"]
     except FileNotFoundError:
         raise NnlabError(f"{run_dir}: no {MODEL_INFO} (not a finished run folder?)") from None
     except (ValueError, KeyError, TypeError) as e:
         raise NnlabError(f"{run_dir / MODEL_INFO}: corrupt ({e.__class__.__name__}: {e})") from None
     try:
-        model = build_model(name, **fields)
-    except (ValueError, TypeError, NnlabError) as e:
+        model = build_model(parse_model(model_section))
+    except NnlabError as e:
         raise NnlabError(f"{run_dir / MODEL_INFO}: describes no buildable model ({e})") from None
     tensors, _ = load_tensors(run_dir / MODEL)
     try:

@@ -1,10 +1,11 @@
 """What differs between image classification, language modelling and regression, in one place.
 
-A task turns the data config into in-memory tensors and answers four questions for the loop:
-which data-derived fields the model needs (classes, vocabulary, input size), which examples make
-up the batch at a given step, what the loss is, and how to evaluate. The batch at step s is a pure
-function of (seed, s), so resuming at step s replays nothing and skips nothing, and every rank of a
-distributed run can compute its own shard of the same global batch without talking to the others.
+A task turns the data config into in-memory tensors and answers the loop's questions: which
+data-derived fields the model needs (classes, vocabulary, input size), which examples make up the
+batch at a given step, how many items (samples or tokens) a step trains on, what the loss is, and
+how to evaluate. The batch at step s is a pure function of (seed, s), so resuming at step s
+replays nothing and skips nothing, and every rank of a distributed run can compute its own shard
+of the same global batch without talking to the others.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nnlab.errors import ConfigError
 
 class Task:
     kind: str  # image | text | tabular
+    unit = "samples"  # what items_per_step() counts, as in the logged samples_per_s
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -43,14 +45,18 @@ class Task:
         t = self.cfg.train
         return t.max_steps if t.max_steps else t.epochs * self.steps_per_epoch()
 
+    def items_per_step(self) -> int:
+        """The `unit`s one optimizer step trains on (the global batch's samples)."""
+        return self.cfg.train.batch_size
+
     def _rows(self, step: int, lo: int, hi: int) -> Tensor:
         """Indices of rows lo:hi of the global batch at `step`: a fresh permutation each epoch
         (drawn once per epoch from (seed, epoch)), cut into batches, the last partial one dropped."""
-        spe, bs = self.steps_per_epoch(), self.cfg.train.batch_size
-        epoch, i = divmod(step, spe)
+        batch_size = self.cfg.train.batch_size
+        epoch, i = divmod(step, self.steps_per_epoch())
         if epoch != getattr(self, "_perm_epoch", None):
             self._perm_epoch, self._perm = epoch, torch.randperm(self.num_train(), generator=self._gen(epoch))
-        return self._perm[i * bs + lo : i * bs + hi]
+        return self._perm[i * batch_size + lo : i * batch_size + hi]
 
     def _gen(self, *salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(hash((self.cfg.train.seed, *salt)) & 0x7FFF_FFFF_FFFF_FFFF)
@@ -87,10 +93,10 @@ class ImageTask(Task):
     def evaluate(self, model, device) -> dict:
         """Test accuracy and loss, streamed in batches: never holds all logits at once."""
         correct, loss_sum, n = 0, 0.0, len(self.x_test)
-        bs = self.cfg.train.eval_batch_size
-        for i in range(0, n, bs):
-            x = self.x_test[i : i + bs].to(device)
-            y = self.data.y_test[i : i + bs].to(device)
+        batch_size = self.cfg.train.eval_batch_size
+        for i in range(0, n, batch_size):
+            x = self.x_test[i : i + batch_size].to(device)
+            y = self.data.y_test[i : i + batch_size].to(device)
             logits = model(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
@@ -103,13 +109,14 @@ class ImageTask(Task):
 
 class TextTask(Task):
     kind = "text"
+    unit = "tokens"
 
     def __init__(self, cfg: Config):
         from nnlab.data import load_text
 
         super().__init__(cfg)
         self.data = load_text(cfg.data.path, tokenizer=cfg.data.tokenizer)
-        self.block_size = int(cfg.model.get("block_size", 64))
+        self.block_size = cfg.model.block_size
         for split, ids in (("train", self.data.train), ("validation", self.data.val)):
             if len(ids) <= self.block_size + 1:
                 raise ConfigError(f"model.block_size: {self.block_size} is longer than the {split} split "
@@ -118,6 +125,9 @@ class TextTask(Task):
     def num_train(self) -> int:
         # An "epoch" of a language model: as many blocks as the training split holds.
         return len(self.data.train) // self.block_size
+
+    def items_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.block_size  # every position of every block is a prediction
 
     def model_fields(self) -> dict:
         return {"vocab_size": self.data.tokenizer.vocab_size}
@@ -158,13 +168,12 @@ class TabularTask(Task):
 
         super().__init__(cfg)
         d = cfg.data
-        name = "csv" if d.name == "csv" else d.name
-        self.data = load_tabular(name, path=d.path, target=d.target, test_frac=d.test_frac, seed=d.split_seed)
+        self.data = load_tabular(d.name, path=d.path, target=d.target, test_frac=d.test_frac, seed=d.split_seed)
         # Train on standardised features and target: plain gradient descent needs well-scaled inputs.
-        dd = self.data
-        self.x_train = (dd.x_train - dd.x_mean) / dd.x_std
-        self.x_test = (dd.x_test - dd.x_mean) / dd.x_std
-        self.y_train = (dd.y_train - dd.y_mean) / dd.y_std
+        table = self.data
+        self.x_train = (table.x_train - table.x_mean) / table.x_std
+        self.x_test = (table.x_test - table.x_mean) / table.x_std
+        self.y_train = (table.y_train - table.y_mean) / table.y_std
 
     def num_train(self) -> int:
         return len(self.x_train)
@@ -179,14 +188,14 @@ class TabularTask(Task):
     @torch.no_grad()
     def evaluate(self, model, device) -> dict:
         """Test mean squared error in the target's own units (comparable with scikit-learn's)."""
-        dd = self.data
-        pred = model(self.x_test.to(device)).float().squeeze(-1).cpu() * dd.y_std + dd.y_mean
-        return {"test_mse": torch.mean((pred - dd.y_test) ** 2).item()}
+        table = self.data
+        pred = model(self.x_test.to(device)).float().squeeze(-1).cpu() * table.y_std + table.y_mean
+        return {"test_mse": torch.mean((pred - table.y_test) ** 2).item()}
 
     def meta(self) -> dict:
-        dd = self.data
-        return {"features": dd.feature_names, "target": dd.target, "x_mean": dd.x_mean.tolist(),
-                "x_std": dd.x_std.tolist(), "y_mean": float(dd.y_mean), "y_std": float(dd.y_std)}
+        table = self.data
+        return {"features": table.feature_names, "target": table.target, "x_mean": table.x_mean.tolist(),
+                "x_std": table.x_std.tolist(), "y_mean": float(table.y_mean), "y_std": float(table.y_std)}
 
 
 def make_task(cfg: Config) -> Task:
@@ -194,7 +203,7 @@ def make_task(cfg: Config) -> Task:
     kind = "text" if name == "text" else "tabular" if name in ("diabetes", "csv") else "image"
     from nnlab.models import get_spec
 
-    spec = get_spec(cfg.model["name"])
+    spec = get_spec(cfg.model.name)
     if spec.task != kind and not (spec.name == "mlp" and kind == "image"):
         raise ConfigError(f"data.name: model {spec.name!r} takes {spec.task} data, not {name!r}")
     return {"image": ImageTask, "text": TextTask, "tabular": TabularTask}[kind](cfg)

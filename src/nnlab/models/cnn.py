@@ -15,18 +15,20 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from nnlab.models import register
+from nnlab.config import documented
+from nnlab.models import model_name, register
 from nnlab.nn import Conv2d, Dense, MaxPool2d
 
 
 @dataclass
 class CNNConfig:
-    in_channels: int = 1
-    image_size: int = 28
-    num_classes: int = 10
-    width: int = 32  # channels of the first stage; doubled at each later stage
-    dropout: float = 0.1
-    explicit: bool = False
+    name: str = model_name("cnn")
+    in_channels: int = documented(1, "image channels (set from the data)")
+    image_size: int = documented(28, "image side (set from the data)")
+    num_classes: int = documented(10, "classes (set from the data)")
+    width: int = documented(32, "channels of the first stage; doubled at each later stage")
+    dropout: float = documented(0.1, "dropout before the classifier")
+    explicit: bool = documented(False, "True: the article's convolution / pooling / dense formulas via nnlab.ops")
 
 
 class ConvBlock(nn.Sequential):
@@ -36,7 +38,6 @@ class ConvBlock(nn.Sequential):
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-@register("cnn", CNNConfig, task="image")
 class CNN(nn.Module):
     def __init__(self, cfg: CNNConfig):
         super().__init__()
@@ -63,3 +64,4 @@ class CNN(nn.Module):
 
 
 PRESETS = {"tiny": dict(width=4), "default": dict(width=32)}
+register(CNNConfig, CNN, task="image", presets=PRESETS)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from nnlab.models import register
+from nnlab.config import documented
+from nnlab.models import model_name, register
 from nnlab.nn import Dense
 from nnlab.nn.transformer import Block, init_transformer_
 
@@ -33,15 +33,16 @@ Past = list[tuple[Tensor, Tensor]]
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 65  # set from the data (65 = the characters of tiny Shakespeare)
-    block_size: int = 64  # the longest context; also the number of learned positions
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True  # biases in Dense and LayerNorm layers (GPT-2: True)
-    explicit: bool = False  # True: the article's attention/dense formulas via nnlab.ops; False: SDPA, F.linear
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    name: str = model_name("gpt")
+    vocab_size: int = documented(65, "tokens (set from the data; 65 = the characters of tiny Shakespeare)")
+    block_size: int = documented(64, "the longest context; also the number of learned positions")
+    n_layer: int = documented(4, "Transformer blocks")
+    n_head: int = documented(4, "attention heads per block")
+    n_embd: int = documented(128, "width C of every token vector; divisible by n_head")
+    dropout: float = documented(0.0, "dropout on embeddings, attention and MLP outputs")
+    bias: bool = documented(True, "biases in Dense and LayerNorm layers (GPT-2: True)")
+    explicit: bool = documented(False, "True: the article's attention / dense formulas via nnlab.ops; False: SDPA, "
+                                "F.linear")
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -53,7 +54,6 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-@register("gpt", GPTConfig, task="text")
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -86,10 +86,6 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         maps, new_past = [], []
         for i, block in enumerate(self.blocks):
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # Keep only each block's input; its activations are recomputed during backward.
-                x = checkpoint(lambda h, b=block: b(h)[0], x, use_reentrant=False)
-                continue
             x, A, kv = block(x, past_kv=past[i] if past else None, need_weights=need_weights, use_cache=use_cache)
             maps.append(A)  # (B, n_head, T, t0 + T) or None
             new_past.append(kv)  # K, V each (B, n_head, t0 + T, d_k); None unless use_cache
@@ -178,3 +174,4 @@ PRESETS = {
     "tiny": dict(n_layer=1, n_head=2, n_embd=16, block_size=16),
     "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),  # nanoGPT's CPU "baby GPT"
 }
+register(GPTConfig, GPT, task="text", presets=PRESETS)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from nnlab.models import register
+from nnlab.config import documented
+from nnlab.models import model_name, register
 from nnlab.nn import Dense
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": nn.functional.gelu}
@@ -19,11 +20,12 @@ ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
 
 @dataclass
 class MLPConfig:
-    in_features: int = 10  # set from the data: pixels of an image or columns of a table
-    hidden: tuple[int, ...] = (64, 64)
-    out_features: int = 1  # set from the data: 1 for regression, number of classes otherwise
-    activation: str = "relu"
-    explicit: bool = False  # True: the article's y = f(XW + b) via nnlab.ops; False: F.linear
+    name: str = model_name("mlp")
+    in_features: int = documented(10, "inputs (set from the data: pixels of an image or columns of a table)")
+    hidden: tuple[int, ...] = documented((64, 64), "widths of the hidden layers")
+    out_features: int = documented(1, "outputs (set from the data: 1 for regression, else the classes)")
+    activation: str = documented("relu", "f of the hidden layers", choices=tuple(ACTIVATIONS))
+    explicit: bool = documented(False, "True: the article's y = f(XW + b) via nnlab.ops; False: F.linear")
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -31,7 +33,6 @@ class MLPConfig:
         self.hidden = tuple(self.hidden)
 
 
-@register("mlp", MLPConfig, task="tabular")
 class MLP(nn.Module):
     def __init__(self, cfg: MLPConfig):
         super().__init__()
@@ -55,3 +56,4 @@ class MLP(nn.Module):
 
 
 PRESETS = {"tiny": dict(hidden=(8,)), "small": dict(hidden=(64, 64))}
+register(MLPConfig, MLP, task="tabular", presets=PRESETS)

@@ -16,23 +16,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from nnlab.models import register
+from nnlab.config import documented
+from nnlab.models import model_name, register
 from nnlab.nn import ConvPoolReLU, Dense
 
 
 @dataclass
 class SeedCNNConfig:
-    in_channels: int = 1
-    image_size: int = 28  # fc1 is sized for 28x28 inputs, as in the article
-    num_classes: int = 10
-    explicit: bool = False  # True: unfold+matmul convolution and explicit pooling/dense
+    name: str = model_name("seed-cnn")
+    in_channels: int = documented(1, "image channels (set from the data)")
+    image_size: int = documented(28, "image side (set from the data); fc1 is sized for 28x28, as in the article")
+    num_classes: int = documented(10, "classes (set from the data)")
+    explicit: bool = documented(False, "True: unfold+matmul convolution and explicit pooling / dense")
 
     def __post_init__(self):
         if self.image_size != 28:
             raise ValueError(f"seed-cnn takes 28x28 images (fc1 is 64*7*7), got image_size={self.image_size}")
 
 
-@register("seed-cnn", SeedCNNConfig, task="image")
 class SeedCNN(nn.Module):
     def __init__(self, cfg: SeedCNNConfig):
         super().__init__()
@@ -54,4 +55,5 @@ class SeedCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-PRESETS = {"article": {}}
+PRESETS = {"article": {}, "tiny": {}}  # one size, the article's: it is tiny already
+register(SeedCNNConfig, SeedCNN, task="image", presets=PRESETS)

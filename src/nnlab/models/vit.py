@@ -21,23 +21,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from nnlab.models import register
+from nnlab.config import documented
+from nnlab.models import model_name, register
 from nnlab.nn import Conv2d, Dense
 from nnlab.nn.transformer import Block, init_transformer_
 
 
 @dataclass
 class ViTConfig:
-    in_channels: int = 1
-    image_size: int = 28  # square images, image_size x image_size
-    num_classes: int = 10
-    patch_size: int = 4  # must divide image_size
-    n_layer: int = 6
-    n_head: int = 4
-    n_embd: int = 128
-    mlp_ratio: int = 4  # the MLP's hidden width is mlp_ratio * n_embd
-    dropout: float = 0.0
-    explicit: bool = False  # True: unfold+matmul patch embedding, the article's attention; False: fast kernels
+    name: str = model_name("vit")
+    in_channels: int = documented(1, "image channels (set from the data)")
+    image_size: int = documented(28, "side of the square images (set from the data)")
+    num_classes: int = documented(10, "classes (set from the data)")
+    patch_size: int = documented(4, "side of a patch; must divide image_size")
+    n_layer: int = documented(6, "Transformer blocks")
+    n_head: int = documented(4, "attention heads per block")
+    n_embd: int = documented(128, "width C of every token vector; divisible by n_head")
+    mlp_ratio: int = documented(4, "the MLP's hidden width is mlp_ratio * n_embd")
+    dropout: float = documented(0.0, "dropout on embeddings, attention and MLP outputs")
+    explicit: bool = documented(False, "True: unfold+matmul patch embedding, the article's attention; False: "
+                                "fast kernels")
 
     def __post_init__(self):
         for name in ("in_channels", "image_size", "num_classes", "patch_size", "n_layer", "n_head", "n_embd",
@@ -56,7 +59,6 @@ class ViTConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-@register("vit", ViTConfig, task="image")
 class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -110,3 +112,4 @@ PRESETS = {
     "tiny": dict(n_layer=1, n_head=2, n_embd=16, patch_size=7),
     "small": dict(n_layer=6, n_head=4, n_embd=128, patch_size=4),
 }
+register(ViTConfig, ViT, task="image", presets=PRESETS)

@@ -4,20 +4,23 @@ Launch with torchrun (`torchrun --nproc_per_node=N -m nnlab train RECIPE`); with
 size is 1 and nothing here does anything. Backend: nccl on CUDA, gloo on CPU.
 
 Order, applied from outside the model (as in torchtitan): channels_last memory format (loop) ->
-activation checkpointing (a model config switch) -> FSDP2 sharding (in place, per block, then the
-root) -> torch.compile -> DDP wrapper. The model files never see any of it.
+activation checkpointing (per block, in place) -> FSDP2 sharding (in place, per block, then the
+root) -> torch.compile (nnlab/train/compile.py) -> DDP wrapper. The model files never see any of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from nnlab.config import TrainConfig
+from nnlab.errors import ConfigError
+from nnlab.train.compile import compile_model
 
 
 @dataclass
@@ -49,8 +52,8 @@ def init() -> Env:
 def shutdown(ok: bool = True) -> None:
     if dist.is_initialized():
         # After a clean run, wait for rank 0 to finish writing: tearing down gloo while a peer is
-        # still in its last collective aborted a rank ("terminate called without an active
-        # exception") in CI. After an error, don't wait: the peers may never arrive.
+        # still in its last collective can abort that peer. After an error, don't wait: the peers
+        # may never arrive.
         try:
             if ok:
                 dist.barrier()
@@ -86,72 +89,47 @@ def grad_sync(fmodel: nn.Module, sync: bool):
         yield
 
 
-def compile_options(mode: str, device: torch.device) -> dict:
-    """torch.compile's options for `mode` (what mode=... would set), plus, on CPU, a C++ wrapper.
-
-    Why the wrapper: by default inductor's generated code calls each of its kernels and extern ops
-    from Python, and for the baby GPT's training step (batch 12, ~100 kernel calls of 0.1 MB tensors)
-    that Python was a fifth of the step: interleaved runs of the compiled bf16 step took 25.3-26.1 ms
-    with cpp_wrapper against 31.8-33.3 ms without (AMX Xeon, 2 threads). A cold first compile took
-    46 instead of 43 s."""
-    import torch._inductor
-
-    options = dict(torch._inductor.list_mode_options(mode))
-    if device.type == "cpu":
-        options["cpp_wrapper"] = True
-    return options
+def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The model's list of repeated blocks (transformer blocks, CNN stages, MLP layers), if any:
+    the units activation checkpointing and FSDP apply to."""
+    return next((m for m in (getattr(model, n, None) for n in ("blocks", "stages", "layers"))
+                 if isinstance(m, nn.ModuleList)), None)
 
 
-def separate_inductor_cache() -> str | None:
-    """When ATEN_CPU_CAPABILITY picks ATen's (and so inductor's) CPU code paths and no
-    TORCHINDUCTOR_CACHE_DIR is set, point inductor at a cache folder of that capability's own; returns
-    the folder, or None when nothing was changed.
+def checkpoint_activations(model: nn.Module) -> None:
+    """Wrap each repeated block of `model` in place so that backward recomputes its activations
+    from its input instead of keeping them. The wrapper adds no state-dict keys (it maps its own
+    prefix away), so checkpoints and saved models load into a plain model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    Why: inductor's on-disk graph cache is not keyed by the capability, so a process under another
-    one loads code compiled for it. Seen on the AMX Xeon (torch 2.13): after a compile with
-    ATEN_CPU_CAPABILITY=avx2 wrote an empty cache, plain compiled runs of gpt-shakespeare died with
-    heap corruption ("malloc(): unaligned tcache chunk detected" and the like) in 3 of 3 tries,
-    against 0 of 3 on a cache that only plain runs had written, and 0 of 3 with this folder set;
-    the other way round, an avx2 run on the plain runs' cache had NaN loss at step 1."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    cap = os.environ.get("ATEN_CPU_CAPABILITY")
-    # Inductor writes its default folder into the variable at its first cache access (and torch
-    # makes one while it loads), so the default there is not a user's choice.
-    if not cap or os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) != default_cache_dir():
-        return None
-    folder = f"{default_cache_dir()}_{''.join(c for c in cap if c.isalnum())}"
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # read by inductor at each cache access
-    return folder
+    blocks = repeated_blocks(model)
+    if blocks is None:
+        raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} has no repeated blocks to "
+                          "checkpoint")
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block)  # non-reentrant torch.utils.checkpoint; dropout masks replay
 
 
-def parallelize(model: nn.Module, compile: bool, strategy: str, env: Env, compile_mode: str = "default") -> nn.Module:
-    """Wrap the single-device model for speed and scale; returns the module to call in the loop.
+def parallelize(model: nn.Module, t: TrainConfig, env: Env) -> nn.Module:
+    """Apply train config `t`'s scaling to the single-device model; returns the module to call in
+    the loop.
 
-    FSDP2 shards `model` in place (its parameters become DTensors), so the loop keeps using
-    `model` for evaluation and checkpoints; DDP and compile return wrappers used only for training.
+    Activation checkpointing and FSDP2 change `model` in place (FSDP's parameters become
+    DTensors), so the loop keeps using `model` for evaluation and checkpoints; compile and DDP
+    return wrappers used only for training.
     """
-    if env.world_size > 1 and strategy == "fsdp":
+    if t.activation_checkpointing:
+        checkpoint_activations(model)
+    if env.world_size > 1 and t.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         # Shard each repeated block on its own, so only one block's full weights exist at a time.
-        for blocks in (getattr(model, "blocks", None), getattr(model, "stages", None), getattr(model, "layers", None)):
-            for block in blocks or []:
-                fully_shard(block)
+        for block in repeated_blocks(model) or []:
+            fully_shard(block)
         fully_shard(model)
-    if compile:
-        if env.device.type == "cpu":
-            separate_inductor_cache()
-        try:
-            model = torch.compile(model, options=compile_options(compile_mode, env.device))
-            # Compilation happens lazily, at the first forward: a graph that fails to compile
-            # there (no C compiler, an unsupported op) then runs eager instead of ending the run.
-            import torch._dynamo as dynamo  # (`import torch._dynamo` would make `torch` a local name here)
-
-            dynamo.config.suppress_errors = True
-        except Exception as e:  # e.g. an unsupported platform or Python version
-            warnings.warn(f"train.compile: torch.compile unavailable ({e.__class__.__name__}); running eager")
-    if env.world_size > 1 and strategy == "ddp":
+    if t.compile:
+        model = compile_model(model, t.compile_mode, env.device)
+    if env.world_size > 1 and t.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)

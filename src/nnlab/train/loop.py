@@ -8,6 +8,7 @@ distribution are applied by helpers, never by a second copy of this loop.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -73,12 +74,11 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     # ---- data, model, optimizer ------------------------------------------------------------------
     seed_everything(t.seed)
     task = make_task(cfg)
-    cfg.model = {**cfg.model, **task.model_fields()}  # the data decides classes / vocabulary / input size
-    fields = {k: v for k, v in cfg.model.items() if k != "name"}
-    try:
-        model = build_model(cfg.model["name"], **fields)
-    except (ValueError, TypeError) as e:
+    try:  # the data decides classes / vocabulary / input size
+        cfg.model = dataclasses.replace(cfg.model, **task.model_fields())
+    except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    model = build_model(cfg.model)
     precision, precision_why = resolve_precision(t.precision, env.device)
     allocator = tune_allocator()[1] if t.tune_allocator and env.device.type == "cpu" else "default"
     model.to(env.device)
@@ -92,7 +92,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     if env.is_main and not resume:
         runfolder.write_config(run_dir, cfg)
     # Sharding (FSDP) changes the parameters, so it comes before the optimizer is built.
-    fmodel = distributed.parallelize(model, t.compile, t.strategy, env, t.compile_mode)
+    fmodel = distributed.parallelize(model, t, env)
     optimizer = make_optimizer(model, t, fused=env.world_size == 1)
     # Listed once: walking the modules for model.parameters() took ~3.5 us a tensor, ~185 us a step
     # for the baby GPT.
@@ -104,10 +104,9 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     all_ranks = env.world_size > 1 and t.strategy == "fsdp"
 
     total = task.total_steps()
-    unit = "tokens" if task.kind == "text" else "samples"
-    per_step = t.batch_size * (task.block_size if task.kind == "text" else 1)
+    unit, per_step = task.unit, task.items_per_step()
     log = RunLogger(run_dir if env.is_main else None, total, unit, start_step=step)
-    log.say(f"{cfg.recipe}: {cfg.model['name']} with {n_params:,} parameters, {total} steps of {t.batch_size} "
+    log.say(f"{cfg.recipe}: {cfg.model.name} with {n_params:,} parameters, {total} steps of {t.batch_size} "
             f"on {env.device} x{env.world_size}, precision {precision} ({precision_why}); run folder {run_dir}")
     if resume:
         log.say(f"resumed at step {step}")
@@ -198,10 +197,10 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
         if not metrics:  # resumed after the last step: nothing was evaluated in this process
             model.eval()
             metrics = task.evaluate(model, env.device)
-        runfolder.save_model(run_dir, weights, cfg.model, task.kind, task.meta())
+        runfolder.save_model(run_dir, weights, dataclasses.asdict(cfg.model), task.kind, task.meta())
         speed = {f"{unit}_per_s": round(steady_steps * per_step / steady_seconds, 1) if steady_steps else None,
                  "first_step_seconds": round(first_step_seconds, 3) if first_step_seconds is not None else None}
-        summary = {"recipe": cfg.recipe, "model": cfg.model["name"], "steps": step, "train_seconds": round(train_seconds, 2),
+        summary = {"recipe": cfg.recipe, "model": cfg.model.name, "steps": step, "train_seconds": round(train_seconds, 2),
                    **speed, "params": n_params, **metrics, "precision": precision, "precision_reason": precision_why,
                    "allocator": allocator,
                    "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed,
