@@ -87,11 +87,28 @@ def matmul_peak(dtype: torch.dtype, n: int, device: torch.device, reps: int = 5)
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def processor_kind(flags: set[str], device_type: str = "cpu", arch: str | None = None) -> str:
+    """The name of a results file's processor kind (benchmarks/results-<kind>.json), from CPU flags:
+    what decides which code paths run, so two machines of one kind give comparable figures."""
+    if device_type == "cuda":
+        return "gpu"
+    if "amx_bf16" in flags:
+        return "xeon-amx"  # Intel Sapphire Rapids and later: AMX tiles and AVX-512 bf16
+    if "avx512_bf16" in flags:
+        return "avx512-bf16"  # native bf16 without AMX: AMD Zen 4 and later, Intel Cooper Lake
+    if "avx512f" in flags:
+        return "avx512"
+    if "avx2" in flags:
+        return "avx2"
+    return (arch or platform.machine() or "unknown").lower()
+
+
 def machine(device: torch.device, quick: bool) -> dict:
     ok, why = native_bf16(device)
     # A GPU needs larger matrices than a CPU to come near its peak.
     n = (2048 if quick else 8192) if device.type == "cuda" else (1024 if quick else 2048)
     return {
+        "kind": processor_kind(cpu_flags(), device.type),
         "processor": cpu_name(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": device.type,
@@ -107,7 +124,7 @@ def machine(device: torch.device, quick: bool) -> dict:
 
 
 def print_header(m: dict, quick: bool, repeats: int) -> None:
-    print(f"# processor: {m['processor']}" + (f"; GPU: {m['gpu']}" if m["gpu"] else ""))
+    print(f"# processor: {m['processor']} (kind {m['kind']})" + (f"; GPU: {m['gpu']}" if m["gpu"] else ""))
     print(f"# native bf16: {'yes' if m['native_bf16'] else 'no'} ({m['native_bf16_reason']}); "
           f"CPU flags: {', '.join(m['cpu_flags']) or 'none of ' + ', '.join(SHOWN_FLAGS)}")
     print(f"# torch {m['torch']}, python {m['python']}, {m['threads']} threads, device {m['device']}")

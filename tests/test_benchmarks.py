@@ -94,6 +94,8 @@ BAD_ARGS = [  # script, arguments, what the one-line error must name
     ("run.py", ["--only", "B9"], "B9"),
     ("run.py", ["--json", "{tmp}"], "is a folder"),
     ("run.py", ["--json", "{tmp}/file/out.json"], "is a file, not a folder"),
+    ("run.py", ["--save", "--quick"], "--save"),
+    ("run.py", ["--save", "--only", "B4"], "--save"),
     ("curves.py", ["no-such-recipe"], "no-such-recipe"),
     ("curves.py", ["mlp-regression", "--set", "train.lr=-1"], "train.lr"),
     ("curves.py", ["mlp-regression", "--seeds", "0", "0"], "--seeds"),
@@ -129,6 +131,24 @@ def test_gpu_script_without_a_gpu_says_so_and_exits_0(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("\n") == 1 and "no CUDA GPU visible to torch" in r.stdout and torch.__version__ in r.stdout
     assert not (ROOT / "benchmarks" / "results-gpu.json").exists()
+
+
+KINDS = [  # CPU flags -> the processor kind that names benchmarks/results-<kind>.json
+    ({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}, "xeon-amx"),
+    ({"avx2", "avx512f", "avx512_bf16"}, "avx512-bf16"),
+    ({"avx2", "avx512f"}, "avx512"),
+    ({"avx2", "fma"}, "avx2"),
+]
+
+
+@pytest.mark.parametrize("flags,kind", KINDS, ids=[k for _, k in KINDS])
+def test_processor_kind_follows_the_flags_that_pick_the_code_paths(monkeypatch, flags, kind):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from common import processor_kind
+
+    assert processor_kind(flags) == kind
+    assert processor_kind(flags, "cuda") == "gpu"
+    assert processor_kind(set(), arch="aarch64") == "aarch64"
 
 
 def test_the_cnn_flop_count_sees_every_layer(monkeypatch):
