@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import io
 import json
@@ -274,6 +275,16 @@ def conv_fc_macs(model: nn.Module, x: torch.Tensor) -> int:
     return macs
 
 
+def recipe_gpt_fields(recipe: str) -> dict:
+    """The GPTConfig fields a recipe's model section sets (vocab_size comes from the data)."""
+    from nnlab.config import load_config
+    from nnlab.models.gpt import GPTConfig
+
+    m = load_config(recipe).model
+    fields = dict(m) if isinstance(m, dict) else dataclasses.asdict(m)
+    return {k: v for k, v in fields.items() if k in GPTConfig.__dataclass_fields__ and k != "vocab_size"}
+
+
 def gpt_params(model) -> int:
     """nanoGPT's N: all parameters but the position table (the token table is lm_head's, tied)."""
     return sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()
@@ -339,8 +350,9 @@ def isolated(ctx: Ctx, fn, *args) -> dict:
     tunes glibc malloc, compile caches, the thread pool) can speed up or slow down the other.
     fn must live at the top level of a benchmarks/ module and take JSON-able arguments."""
     job = json.dumps({"module": fn.__module__, "fn": fn.__name__, "args": args, "threads": ctx.machine["threads"]})
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, __file__, job], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+                          env={**os.environ, "PYTHONPATH": path})
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])
