@@ -45,7 +45,7 @@ class Ctx:
     machine: dict = field(default_factory=dict)
 
     def steps(self, quick: int, full: int) -> int:
-        # A GPU step is ~10x shorter than a CPU one: take more of them so the steady state is not noise.
+        # A GPU step is much shorter than a CPU one: take more of them so the steady state is not noise.
         return quick if self.quick else full * (4 if self.device.type == "cuda" else 1)
 
     def peak(self, precision: str) -> float:
