@@ -17,9 +17,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
-# nnlab vs its baselines, side by side on this machine (~45 min on 2 cores: 3 repeats); bench-quick is a smoke run.
+# nnlab vs its baselines, side by side on this machine (3 repeats; most of an hour on 2 cores): writes
+# benchmarks/results-<processor kind>.json, then the README's tables from the results files.
+# bench-quick is a smoke run. benchmarks/README.md says how each benchmark works.
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run.py --json benchmarks/results.json
+	$(PY) benchmarks/run.py --save
+	$(PY) scripts/readme_tables.py
 
 .PHONY: bench-quick
 bench-quick: $(VENV)/.installed

@@ -117,6 +117,7 @@ def run(ctx: Ctx) -> dict:
                                         "nnlab": acc["nnlab"]["test_accuracy"], "nnlab_variant": NNLAB[-1][0],
                                         "nnlab_precision": acc["nnlab"]["precision"], "gap_points": 100 * gap}
     return {
+        "fresh_processes": True,  # every side ran in a process of its own (common.isolated)
         "title": f"B1 seed-cnn training throughput: batch 64, SGD lr 0.01, {warm} warm-up + {steady} timed steps",
         "notes": [f"model FLOPs per training sample: {flops / 1e6:.1f} M (3 x 2 x conv/fc multiply-adds, as a direct "
                   "convolution does them; nnlab's fp32 Winograd convolution does fewer, so its MFU may pass 100%)",

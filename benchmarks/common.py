@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import io
 import json
@@ -43,7 +44,7 @@ class Ctx:
     machine: dict = field(default_factory=dict)
 
     def steps(self, quick: int, full: int) -> int:
-        # A GPU step is ~10x shorter than a CPU one: take more of them so the steady state is not noise.
+        # A GPU step is much shorter than a CPU one: take more of them so the steady state is not noise.
         return quick if self.quick else full * (4 if self.device.type == "cuda" else 1)
 
     def peak(self, precision: str) -> float:
@@ -86,11 +87,28 @@ def matmul_peak(dtype: torch.dtype, n: int, device: torch.device, reps: int = 5)
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def processor_kind(flags: set[str], device_type: str = "cpu", arch: str | None = None) -> str:
+    """The name of a results file's processor kind (benchmarks/results-<kind>.json), from CPU flags:
+    what decides which code paths run, so two machines of one kind give comparable figures."""
+    if device_type == "cuda":
+        return "gpu"
+    if "amx_bf16" in flags:
+        return "xeon-amx"  # Intel Sapphire Rapids and later: AMX tiles and AVX-512 bf16
+    if "avx512_bf16" in flags:
+        return "avx512-bf16"  # native bf16 without AMX: AMD Zen 4 and later, Intel Cooper Lake
+    if "avx512f" in flags:
+        return "avx512"
+    if "avx2" in flags:
+        return "avx2"
+    return (arch or platform.machine() or "unknown").lower()
+
+
 def machine(device: torch.device, quick: bool) -> dict:
     ok, why = native_bf16(device)
     # A GPU needs larger matrices than a CPU to come near its peak.
     n = (2048 if quick else 8192) if device.type == "cuda" else (1024 if quick else 2048)
     return {
+        "kind": processor_kind(cpu_flags(), device.type),
         "processor": cpu_name(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": device.type,
@@ -106,7 +124,7 @@ def machine(device: torch.device, quick: bool) -> dict:
 
 
 def print_header(m: dict, quick: bool, repeats: int) -> None:
-    print(f"# processor: {m['processor']}" + (f"; GPU: {m['gpu']}" if m["gpu"] else ""))
+    print(f"# processor: {m['processor']} (kind {m['kind']})" + (f"; GPU: {m['gpu']}" if m["gpu"] else ""))
     print(f"# native bf16: {'yes' if m['native_bf16'] else 'no'} ({m['native_bf16_reason']}); "
           f"CPU flags: {', '.join(m['cpu_flags']) or 'none of ' + ', '.join(SHOWN_FLAGS)}")
     print(f"# torch {m['torch']}, python {m['python']}, {m['threads']} threads, device {m['device']}")
@@ -256,6 +274,16 @@ def conv_fc_macs(model: nn.Module, x: torch.Tensor) -> int:
     return macs
 
 
+def recipe_gpt_fields(recipe: str) -> dict:
+    """The GPTConfig fields a recipe's model section sets (vocab_size comes from the data)."""
+    from nnlab.config import load_config
+    from nnlab.models.gpt import GPTConfig
+
+    m = load_config(recipe).model
+    fields = dict(m) if isinstance(m, dict) else dataclasses.asdict(m)
+    return {k: v for k, v in fields.items() if k in GPTConfig.__dataclass_fields__ and k != "vocab_size"}
+
+
 def gpt_params(model) -> int:
     """nanoGPT's N: all parameters but the position table (the token table is lm_head's, tied)."""
     return sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()
@@ -321,8 +349,9 @@ def isolated(ctx: Ctx, fn, *args) -> dict:
     tunes glibc malloc, compile caches, the thread pool) can speed up or slow down the other.
     fn must live at the top level of a benchmarks/ module and take JSON-able arguments."""
     job = json.dumps({"module": fn.__module__, "fn": fn.__name__, "args": args, "threads": ctx.machine["threads"]})
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, __file__, job], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+                          env={**os.environ, "PYTHONPATH": path})
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])

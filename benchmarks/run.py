@@ -1,16 +1,19 @@
 """nnlab's benchmark suite: each benchmark measures nnlab and its baseline in this one run.
 
-    python benchmarks/run.py [--quick] [--only B1,B3,...] [--repeats N] [--json results.json]
+    python benchmarks/run.py [--quick] [--only B1,B3,...] [--repeats N] [--json results.json | --save]
 
     B1  seed-cnn training throughput: nnlab.train vs the article's plain loop (+ fast switches)
-    B2  time to 92% Fashion-MNIST accuracy: the fmnist-speedrun recipe (5 seeds) vs a careful plain loop
-    B3  gpt-shakespeare training tokens/s: nnlab.train (fp32, auto, compile) vs a plain nanoGPT loop
-    B4  sampling: KV cache vs recomputing the context, 500 new tokens, greedy identity check
+    B2  time to 92% Fashion-MNIST accuracy: the fmnist-speedrun recipe vs a careful plain loop, same seeds
+    B3  gpt-shakespeare training tokens/s: nnlab.train (fp32, auto, compile) vs a plain nanoGPT loop, and
+        time to the val loss the plain loop ends its schedule at
+    B4  sampling: KV cache vs recomputing the context, 500 new tokens, two models, greedy identity check
     B5  inference: batch-1 latency and batch-256 throughput, eager vs torch.compile vs bf16
 
 The header names the processor, its bf16 support, torch, threads, and the matmul peak measured
 here, against which every MFU is computed. --quick is a smoke test (tiny step counts, one repeat,
-one thread): its figures say that the code runs, not how fast.
+one thread): its figures say that the code runs, not how fast. --save (what `make bench` runs)
+writes the whole suite's results to benchmarks/results-<kind>.json, the processor kind named
+from the CPU's flags (common.processor_kind); benchmarks/README.md says how each benchmark works.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ def main(argv=None) -> int:
                    "waiting for a busy core slows small ops many times over)")
     p.add_argument("--json", type=common.output_file,
                    help="write all results, machine and command line to this file")
+    p.add_argument("--save", action="store_true",
+                   help="write the whole suite's results to benchmarks/results-<processor kind>.json")
     a = p.parse_args(argv)
+    if a.save and (a.quick or a.only or a.json):
+        p.error("--save writes a processor kind's results file from one full run: not with --quick, --only or --json")
     only = [s.strip().upper() for s in a.only.split(",")] if a.only else list(BENCHMARKS)
     unknown = [s for s in only if s not in BENCHMARKS]
     if unknown:
@@ -52,6 +59,12 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*TensorFloat32.*")
 
     device = common.pick_device()
+    if a.save:
+        kind = common.processor_kind(common.cpu_flags(), device.type)
+        try:
+            a.json = common.output_file(str(common.ROOT / "benchmarks" / f"results-{kind}.json"))
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--save: {e}")
     machine = common.machine(device, a.quick)
     common.print_header(machine, a.quick, repeats)
     ctx = common.Ctx(quick=a.quick, repeats=repeats, device=device, machine=machine)
@@ -82,7 +95,10 @@ def main(argv=None) -> int:
     failed = [k for k, r in results.items() if "error" in r]
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
+    if a.json:
+        print(f"wrote {a.json}")
     return 1 if failed else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

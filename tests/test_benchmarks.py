@@ -1,9 +1,10 @@
 """The benchmark suite runs and reports what it promises, checked on its quickest benchmark (B4).
 
-`benchmarks/run.py --quick --only B4` must write a JSON file with the machine, torch version,
-repeats and command line, B4's figures as median/min/max summaries, and a true greedy-identity
-check: KV-cached sampling gives exactly the tokens that recomputing the context gives. No speed
-is asserted: on a shared machine a test can check that figures exist, not what they are.
+`benchmarks/run.py --quick --only B4` must write a JSON file with the machine (and its processor
+kind), torch version, repeats and command line, B4's figures for both of its models as
+median/min/max summaries, and a true greedy-identity check: KV-cached sampling gives exactly the
+tokens that recomputing the context gives. No speed is asserted: on a shared machine a test can
+check that figures exist, not what they are.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-HANG_GUARD = 300  # seconds; only stops a hung run, it is not a speed check (the run takes ~10-20 s)
+HANG_GUARD = 300  # seconds; only stops a hung run, it is not a speed check
 
 
 def test_quick_b4_writes_results_and_greedy_tokens_match(tmp_path):
@@ -30,19 +31,27 @@ def test_quick_b4_writes_results_and_greedy_tokens_match(tmp_path):
     assert {"command", "quick", "repeats", "torch", "machine", "benchmarks"} <= doc.keys()
     assert doc["quick"] is True and doc["repeats"] == 1 and "--only B4" in doc["command"]
     m = doc["machine"]
-    assert {"processor", "native_bf16", "cpu_flags", "torch", "threads", "device", "peak_gflops"} <= m.keys()
+    assert {"kind", "processor", "native_bf16", "cpu_flags", "torch", "threads", "device", "peak_gflops"} <= m.keys()
     assert set(m["peak_gflops"]) == {"fp32", "bf16"} and all(v > 0 for v in m["peak_gflops"].values())
     assert list(doc["benchmarks"]) == ["B4"]
 
     b4 = doc["benchmarks"]["B4"]
     assert b4["greedy_identical"] is True
-    assert b4["config"]["new_tokens"] == 500 and b4["config"]["block_size"] >= 500 + b4["config"]["prompt_tokens"]
-    assert len(b4["results"]) == 2  # the cached and the recomputing path
-    for res in b4["results"].values():
-        for key in ("tokens_per_s", "ratio_vs_recompute", "mfu"):
-            assert {"median", "min", "max", "n", "values"} <= res[key].keys()
-            assert res[key]["median"] > 0
-    assert "greedy tokens identical (cache vs recompute), every repeat: True" in r.stdout
+    new, prompt = b4["config"]["new_tokens"], b4["config"]["prompt_tokens"]
+    models = b4["models"]
+    assert list(models) == ["random-1024", "gpt-shakespeare"]
+    # The random model's cache holds every token; gpt-shakespeare's 64-token context overflows, so
+    # its cached path also recomputes the cropped context (the case nanoGPT's sampler is in).
+    assert models["random-1024"]["config"]["block_size"] >= prompt + new
+    assert models["gpt-shakespeare"]["config"]["block_size"] == 64 < prompt + new
+    for m4 in models.values():
+        assert m4["greedy_identical"] is True
+        assert len(m4["results"]) == 2  # the cached and the recomputing path
+        for res in m4["results"].values():
+            for key in ("tokens_per_s", "ratio_vs_recompute", "mfu"):
+                assert {"median", "min", "max", "n", "values"} <= res[key].keys()
+                assert res[key]["median"] > 0
+    assert "greedy tokens identical (cache vs recompute), every model and repeat: True" in r.stdout
     assert m["processor"] in r.stdout and "measured matmul peak" in r.stdout
 
 
@@ -94,6 +103,8 @@ BAD_ARGS = [  # script, arguments, what the one-line error must name
     ("run.py", ["--only", "B9"], "B9"),
     ("run.py", ["--json", "{tmp}"], "is a folder"),
     ("run.py", ["--json", "{tmp}/file/out.json"], "is a file, not a folder"),
+    ("run.py", ["--save", "--quick"], "--save"),
+    ("run.py", ["--save", "--only", "B4"], "--save"),
     ("curves.py", ["no-such-recipe"], "no-such-recipe"),
     ("curves.py", ["mlp-regression", "--set", "train.lr=-1"], "train.lr"),
     ("curves.py", ["mlp-regression", "--seeds", "0", "0"], "--seeds"),
@@ -129,6 +140,24 @@ def test_gpu_script_without_a_gpu_says_so_and_exits_0(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("\n") == 1 and "no CUDA GPU visible to torch" in r.stdout and torch.__version__ in r.stdout
     assert not (ROOT / "benchmarks" / "results-gpu.json").exists()
+
+
+KINDS = [  # CPU flags -> the processor kind that names benchmarks/results-<kind>.json
+    ({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}, "xeon-amx"),
+    ({"avx2", "avx512f", "avx512_bf16"}, "avx512-bf16"),
+    ({"avx2", "avx512f"}, "avx512"),
+    ({"avx2", "fma"}, "avx2"),
+]
+
+
+@pytest.mark.parametrize("flags,kind", KINDS, ids=[k for _, k in KINDS])
+def test_processor_kind_follows_the_flags_that_pick_the_code_paths(monkeypatch, flags, kind):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from common import processor_kind
+
+    assert processor_kind(flags) == kind
+    assert processor_kind(flags, "cuda") == "gpu"
+    assert processor_kind(set(), arch="aarch64") == "aarch64"
 
 
 def test_the_cnn_flop_count_sees_every_layer(monkeypatch):
