@@ -45,7 +45,7 @@ def test_tuned_allocator_stops_refaulting_freed_memory():
     all, where glibc's default faults the whole block in on every cycle. (Fresh processes: the
     setting is process-wide.)
 
-    The heap takes a few cycles to settle (nnlab/train/allocator.py gives our reading of why). With the
+    The heap takes a few cycles to settle (benchmarks/README.md gives our reading of why). With the
     package's modules imported, the heap grew in 2 to 8 of the first 9 cycles and never after (cycles
     10-30 faulted nothing, 3 processes), so the first 15 cycles are warm-up here."""
     import subprocess

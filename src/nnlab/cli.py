@@ -107,13 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The process entry point (`nnlab`, `python -m nnlab`, `torchrun -m nnlab`): main(), then exit.
 
-    A torchrun worker (WORLD_SIZE > 1) exits without Python's finalization. Why: 2-rank FSDP runs
-    lost a rank to SIGABRT, "terminate called without an active exception", in 1 of 22 clean-clone
-    CI runs and 1 of 389 runs of the test's command alone; the one caught alone (beside a CPU-bound
-    process) came after the run had finished and printed its result, with only the main thread left
-    and no Python frame on it: in the interpreter's teardown of torch's C++ objects, we think. By then
-    the process group is destroyed (distributed.shutdown) and every file is written and closed, so
-    skipping that teardown loses nothing; the output is flushed first."""
+    A torchrun worker (WORLD_SIZE > 1) exits without Python's finalization: torch's C++ objects can
+    abort a rank while the interpreter tears them down (benchmarks/README.md), and by then the process
+    group is destroyed and every file is written and closed, so skipping it loses nothing. The output
+    is flushed first."""
     try:
         code = main()
     except BrokenPipeError:  # `nnlab recipes | head`: the reader left; no traceback, and none at exit

@@ -86,7 +86,7 @@ class ImageTask(Task):
         """Rows lo:hi of the global batch at `step`."""
         idx = self._rows(step, lo, hi)
         # index_select, not x[idx]: the same rows, gathered by a plain row copy instead of the general
-        # advanced-indexing kernel (64 Fashion-MNIST images: 8.7 against 43.7 us, AMX Xeon).
+        # advanced-indexing kernel, several times faster for a batch of small images.
         return self.x_train.index_select(0, idx), self.data.y_train.index_select(0, idx)
 
     @torch.no_grad()

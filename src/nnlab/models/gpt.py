@@ -125,8 +125,7 @@ class GPT(nn.Module):
 
         The same function as forward_with_cache(token[:, None], past)[0][:, -1], written for the
         one-token case generation spends its time in: plain functional calls on this model's own
-        parameters (one Python call per op, not one nn.Module call per layer, which cost ~1 ms per
-        token for the baby GPT), K and V written into a preallocated cache (no torch.cat re-copying
+        parameters (one Python call per op, not one nn.Module call per layer), K and V written into a preallocated cache (no torch.cat re-copying
         the whole past each step), and no mask (one query at the newest position sees every key).
         tests/test_gpt_vit.py checks it against forward() position by position.
         """

@@ -1,21 +1,15 @@
 """Keep freed tensor memory in the process instead of handing it back to the OS after every step.
 
-glibc's malloc serves large blocks (above a threshold of 128 KiB that adapts upward only up to
-32 MiB) with fresh mmap()s and trims the heap top back to the OS when it exceeds twice that, so
-every step that allocates and frees the same activations faults the same pages in again. For the
-article's CNN in bf16 (batch 64) that was ~2,500 page faults per step, and the ReLU, max-pool
-and zero-fill of the 64x32x28x28 activations ran 3-10x slower than on warm memory; a step took
-17-21 ms against 11-12 ms with the two settings below (AMX Xeon, 2 cores). This is the problem
-that jemalloc or tcmalloc fixes when preloaded; mallopt() gets the same effect from inside the
-process, with no extra library and no environment variable to set before Python starts.
+glibc's malloc serves large blocks with fresh mmap()s and trims the heap top back to the OS, so
+every step that allocates and frees the same activations faults the same pages in again, and the
+memory-bound ops around a small CNN's convolutions then run on cold pages. jemalloc or tcmalloc
+fix this when preloaded; mallopt() gets the same effect from inside the process, with no extra
+library and no environment variable to set before Python starts.
 
 The cost: memory freed by one step stays reserved for the next, so the resident size stays at its
 peak instead of shrinking between steps (the peak itself is unchanged). It changes no result.
-A block freed and asked for again can take a few rounds to be reused: with nnlab's modules loaded,
-a 64 MB alloc-fill-free cycle grew the heap in up to 8 of its first 9 rounds, then never (measured).
-Each new block sat 64 MB + 128 bytes above the last, so, we think, a small allocation just past a
-freed block pins its hole and posix_memalign asks for a little more than the hole holds, until
-freed holes coalesce.
+A freed block can take a few rounds of the same allocation to be reused before the heap settles
+(its test measures after a warm-up for that reason); benchmarks/README.md has the figures.
 """
 
 from __future__ import annotations

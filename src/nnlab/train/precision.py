@@ -1,8 +1,8 @@
 """Choosing the compute precision: bf16 only where the hardware runs it natively.
 
-On a CPU with AMX (Sapphire Rapids and later) a bf16 matmul ran ~3.3x faster than fp32 here; on a
-CPU without bf16 units (an AVX2-only AMD EPYC was seen) bf16 autocast ran 7-14x *slower*, because
-every op converts to fp32 and back in software. So `auto` reads the CPU flags instead of assuming.
+A CPU with AMX or AVX512-BF16 runs bf16 matmuls several times faster than fp32; a CPU without
+bf16 units runs bf16 autocast slower than fp32, because every op converts to fp32 and back in
+software. So `auto` reads the CPU flags instead of assuming.
 bf16 means autocast: weights and optimizer state stay fp32 (master weights), matmuls and convs run
 in bf16.
 """
