@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nnlab import cli
 from nnlab.data import write_idx
 from nnlab.recipes import resolve_data_path
 
@@ -153,3 +154,34 @@ def no_kernels(monkeypatch):
             monkeypatch.setattr(kernels, name, lambda *a, **k: False)
 
     return switch
+
+
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-3000:]}"
+    return r
+
+
+def one_line_error(rc: int, err: str, *needles: str) -> str:
+    """Exit code 2 and exactly one stderr line, `nnlab: error: ...`, naming every needle."""
+    lines = err.strip().splitlines()
+    assert rc == 2, f"exit {rc}, stderr: {err[-2000:]}"
+    assert len(lines) == 1, f"expected one stderr line, got: {err[-2000:]}"
+    assert lines[0].startswith("nnlab: error: "), lines[0]
+    assert "Traceback" not in err
+    for n in needles:
+        assert str(n) in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture
+def cli_main(capsys, tmp_path, monkeypatch):
+    """cli_main(*args) -> (exit code, stdout, stderr) of `nnlab ARGS` run in this process (in tmp_path)."""
+    monkeypatch.chdir(tmp_path)  # a default runs/ folder must never land in the repository
+
+    def run(*args):
+        capsys.readouterr()
+        rc = cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 import yaml
 
 import nnlab
-from conftest import CLI_TIMEOUT, cli_cmd, cli_env, sample_text
-from nnlab import cli
+from conftest import CLI_TIMEOUT, cli_cmd, cli_env, ok, one_line_error, sample_text
 from nnlab.data import read_idx, write_idx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,37 +52,6 @@ def metrics(run: Path) -> list[dict]:
 
 def train_losses(records: list[dict]) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in records if r["event"] == "train"]
-
-
-def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-3000:]}"
-    return r
-
-
-def one_line_error(rc: int, err: str, *needles: str) -> str:
-    """Exit code 2 and exactly one stderr line, `nnlab: error: ...`, naming every needle."""
-    lines = err.strip().splitlines()
-    assert rc == 2, f"exit {rc}, stderr: {err[-2000:]}"
-    assert len(lines) == 1, f"expected one stderr line, got: {err[-2000:]}"
-    assert lines[0].startswith("nnlab: error: "), lines[0]
-    assert "Traceback" not in err
-    for n in needles:
-        assert str(n) in lines[0], f"{n!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-@pytest.fixture
-def cli_main(capsys, tmp_path, monkeypatch):
-    """cli_main(*args) -> (exit code, stdout, stderr) of `nnlab ARGS` run in this process (in tmp_path)."""
-    monkeypatch.chdir(tmp_path)  # a default runs/ folder must never land in the repository
-
-    def run(*args):
-        capsys.readouterr()
-        rc = cli.main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import yaml
 
 from nnlab import cli
 from nnlab.config import recipe_dict
-from test_cli import ok, one_line_error
+from conftest import ok, one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,20 +41,6 @@ def main_in_process(*args) -> int:
         return cli.main([str(a) for a in args])
     finally:
         torch.set_num_threads(n)
-
-
-@pytest.fixture
-def cli_main(capsys, tmp_path, monkeypatch):
-    """cli_main(*args) -> (exit code, stdout, stderr) of `nnlab ARGS` run in this process (in tmp_path)."""
-    monkeypatch.chdir(tmp_path)  # a default runs/ folder must never land in the repository
-
-    def run(*args):
-        capsys.readouterr()
-        rc = cli.main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -202,6 +202,7 @@ def keys_table(capsys, *args) -> dict[str, dict[str, tuple[str, str, str]]]:
     """`nnlab keys ARGS` as {group title: {key: (type, default, doc)}}."""
     assert cli.main(["keys", *args]) == 0
     groups: dict = {}
+    title = ""
     for line in capsys.readouterr().out.splitlines():
         if line.startswith("  "):
             key, tp, default, doc = re.split(r"\s{2,}", line.strip(), maxsplit=3)

@@ -29,7 +29,7 @@ def _bf16_autocast() -> bool:
 
 def conv_pool_applies(x: Tensor, conv: torch.nn.Conv2d) -> bool:
     """A 3x3, pad-1, stride-1 convolution `conv` (fp32 CPU weights, C_out a multiple of 16) of a
-    non-empty (N, C_in, H, W) CPU tensor x with even H and W, outside autocast or under CPU bf16
+    non-empty (B, C_in, H, W) CPU tensor x with even H and W, outside autocast or under CPU bf16
     autocast, on a CPU where the conv kernels run (AVX2 or AVX-512). Then either one input channel,
     x fp32 and needing no gradient; or C_in a multiple of 16, x channels-last, fp32 (or bf16 under
     autocast)."""
@@ -58,64 +58,64 @@ def conv_pool(x: Tensor, conv: torch.nn.Conv2d, relu: bool = True) -> Tensor:
 @torch.library.custom_op("nnlab::conv1_pool2x2", mutates_args=(), device_types="cpu")
 def _conv1_pool2x2(x: Tensor, weight: Tensor, bias: Tensor | None, bf16: bool, relu: bool
                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """(pooled output, x zero-padded (N, H+2, W+2) for the backward, winner codes). In bf16 mode the
+    """(pooled output, x zero-padded (B, H+2, W+2) for the backward, winner codes). In bf16 mode the
     kernel rounds x, W, b and each conv output to bf16, as autocast's convolution would.
     Speed: B1's bf16 step 1.55x (9,391/6,076 samples/s vs NNLAB_NO_KERNELS=1, AMX Xeon, 10 runs); fp32 on AVX2 1.83x.
     """
     record("conv1_pool2x2")
-    N, _, H, W = x.shape
+    B, _, H, W = x.shape
     C = weight.shape[0]
-    x, w = x.contiguous(), weight.contiguous()  # (N, 1, H, W) and (C, 1, 3, 3): either layout is this one
+    x, w = x.contiguous(), weight.contiguous()  # (B, 1, H, W) and (C, 1, 3, 3): either layout is this one
     b = bias.contiguous() if bias is not None else None
-    xpad = torch.empty((N, H + 2, W + 2))
+    xpad = torch.empty((B, H + 2, W + 2))
     y = pooled_like(x, C, torch.bfloat16 if bf16 else torch.float32)
-    code = pooled_like(x, C, torch.uint8)
+    winners = pooled_like(x, C, torch.uint8)
     if library().conv3x3_pool2x2_fwd(x.data_ptr(), w.data_ptr(), b.data_ptr() if b is not None else None,
-                                     xpad.data_ptr(), y.data_ptr(), code.data_ptr(), N, H, W, C, int(bf16), int(relu),
-                                     torch.get_num_threads()):
+                                     xpad.data_ptr(), y.data_ptr(), winners.data_ptr(), B, H, W, C, int(bf16),
+                                     int(relu), torch.get_num_threads()):
         raise MemoryError("conv1_pool2x2: out of memory for its scratch")
-    return y, xpad, code
+    return y, xpad, winners
 
 
 @_conv1_pool2x2.register_fake
 def _(x, weight, bias, bf16, relu):
-    N, _, H, W = x.shape
+    B, _, H, W = x.shape
     C = weight.shape[0]
     y = pooled_like(x, C, torch.bfloat16 if bf16 else torch.float32)
-    return y, x.new_empty((N, H + 2, W + 2), dtype=torch.float32), pooled_like(x, C, torch.uint8)
+    return y, x.new_empty((B, H + 2, W + 2), dtype=torch.float32), pooled_like(x, C, torch.uint8)
 
 
 @torch.library.custom_op("nnlab::conv1_pool2x2_backward", mutates_args=(), device_types="cpu")
-def _conv1_pool2x2_backward(gy: Tensor, xpad: Tensor, code: Tensor, bf16: bool) -> tuple[Tensor, Tensor]:
+def _conv1_pool2x2_backward(gy: Tensor, xpad: Tensor, winners: Tensor, bf16: bool) -> tuple[Tensor, Tensor]:
     """(weight gradient (C, 1, 3, 3), bias gradient (C,)), from the pooled output's gradient."""
-    N, C, Ho, Wo = gy.shape
+    B, C, Ho, Wo = gy.shape
     gy = gy.to(torch.bfloat16 if bf16 else torch.float32).contiguous(memory_format=CL)
     threads = torch.get_num_threads()
     gw, gb = torch.zeros(threads, 9, C), torch.zeros(threads, C)  # one partial sum per thread
-    library().conv3x3_pool2x2_bwd(gy.data_ptr(), code.data_ptr(), xpad.data_ptr(), gw.data_ptr(), gb.data_ptr(),
-                                  N, 2 * Ho, 2 * Wo, C, int(bf16), threads)
+    library().conv3x3_pool2x2_bwd(gy.data_ptr(), winners.data_ptr(), xpad.data_ptr(), gw.data_ptr(), gb.data_ptr(),
+                                  B, 2 * Ho, 2 * Wo, C, int(bf16), threads)
     return gw.sum(0).t().contiguous().view(C, 1, 3, 3), gb.sum(0)
 
 
 @_conv1_pool2x2_backward.register_fake
-def _(gy, xpad, code, bf16):
+def _(gy, xpad, winners, bf16):
     C = gy.shape[1]
     return gy.new_empty((C, 1, 3, 3), dtype=torch.float32), gy.new_empty((C,), dtype=torch.float32)
 
 
 def _conv1_setup(ctx, inputs, output):
     _, _, bias, bf16, _ = inputs
-    _, xpad, code = output
-    ctx.mark_non_differentiable(xpad, code)
-    ctx.save_for_backward(xpad, code)
+    _, xpad, winners = output
+    ctx.mark_non_differentiable(xpad, winners)
+    ctx.save_for_backward(xpad, winners)
     ctx.bf16, ctx.has_bias = bf16, bias is not None
 
 
 def _conv1_backward(ctx, gy, _gxpad, _gcode):
     if ctx.needs_input_grad[0]:
         raise RuntimeError("nnlab::conv1_pool2x2 computes no input gradient (conv_pool_applies declines such x)")
-    xpad, code = ctx.saved_tensors
-    gw, gb = _conv1_pool2x2_backward(gy, xpad, code, ctx.bf16)
+    xpad, winners = ctx.saved_tensors
+    gw, gb = _conv1_pool2x2_backward(gy, xpad, winners, ctx.bf16)
     return None, gw, gb if ctx.has_bias else None, None, None
 
 
@@ -133,21 +133,21 @@ def _winograd(x: Tensor, weight: Tensor, bias: Tensor | None, pool: bool, relu: 
     """conv2d(x, weight, bias, padding=1) in fp32 by winograd.c, x channels-last; with pool its 2x2
     max-pool (then ReLU) and the winner codes, else the full convolution, channels-last."""
     record("conv3x3_winograd")
-    N, C, H, W = x.shape
+    B, C, H, W = x.shape
     O = weight.shape[0]
     U = torch.einsum("ak,oikl,bl->abio", G, weight.float(), G).reshape(16, C, O).contiguous()
-    y = pooled_like(x, O, torch.float32) if pool else torch.empty((N, O, H, W), memory_format=CL)
-    code = pooled_like(x, O, torch.uint8) if pool else None
+    y = pooled_like(x, O, torch.float32) if pool else torch.empty((B, O, H, W), memory_format=CL)
+    winners = pooled_like(x, O, torch.uint8) if pool else None
     b = bias.float().contiguous() if bias is not None else None
     rc = library().conv3x3_winograd(x.data_ptr(), U.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(),
-                                    code.data_ptr() if pool else None, N, H, W, C, O, int(pool), int(relu),
+                                    winners.data_ptr() if pool else None, B, H, W, C, O, int(pool), int(relu),
                                     torch.get_num_threads())
     if rc == -2:
         raise ValueError(f"conv3x3_winograd: takes even H, W and whole vectors of channels, "
                          f"got {tuple(x.shape)} -> {O}")
     if rc:
         raise MemoryError("conv3x3_winograd: out of memory for its scratch")
-    return (y, code) if pool else y
+    return (y, winners) if pool else y
 
 
 @torch.library.custom_op("nnlab::conv3x3_winograd", mutates_args=(), device_types="cpu")
@@ -163,8 +163,8 @@ def conv3x3_winograd(x: Tensor, weight: Tensor) -> Tensor:
 
 @conv3x3_winograd.register_fake
 def _(x, weight):
-    N, _, H, W = x.shape
-    return torch.empty((N, weight.shape[0], H, W), device=x.device, memory_format=CL)
+    B, _, H, W = x.shape
+    return torch.empty((B, weight.shape[0], H, W), device=x.device, memory_format=CL)
 
 
 def _conv3x3_inputs(x: Tensor, weight: Tensor, bf16: bool) -> tuple[Tensor, Tensor]:
@@ -195,22 +195,22 @@ def _(x, weight, bias, bf16, relu):
 
 
 @torch.library.custom_op("nnlab::conv3x3_pool2x2_wgrad", mutates_args=(), device_types="cpu")
-def _conv3x3_pool2x2_wgrad(x: Tensor, gy: Tensor, code: Tensor, bf16: bool) -> tuple[Tensor, Tensor]:
+def _conv3x3_pool2x2_wgrad(x: Tensor, gy: Tensor, winners: Tensor, bf16: bool) -> tuple[Tensor, Tensor]:
     """(weight gradient (C, C_in, 3, 3) channels-last, bias gradient (C,)) from the pooled gradient gy,
     read at the windows' winners only: a quarter of the dense gradient's multiply-adds."""
     x = x.to(torch.bfloat16 if bf16 else torch.float32).contiguous(memory_format=CL)
-    N, C_in, H, W = x.shape
+    B, C_in, H, W = x.shape
     C = gy.shape[1]
     gy = gy.to(x.dtype).contiguous(memory_format=CL)
     gw, gb = torch.empty(C, 3, 3, C_in), torch.empty(C)
-    if library().conv3x3_pool2x2_wgrad(x.data_ptr(), gy.data_ptr(), code.data_ptr(), gw.data_ptr(), gb.data_ptr(),
-                                       N, H, W, C_in, C, int(bf16), torch.get_num_threads()):
+    if library().conv3x3_pool2x2_wgrad(x.data_ptr(), gy.data_ptr(), winners.data_ptr(), gw.data_ptr(), gb.data_ptr(),
+                                       B, H, W, C_in, C, int(bf16), torch.get_num_threads()):
         raise MemoryError("conv3x3_pool2x2_wgrad: out of memory for its scratch")
     return gw.permute(0, 3, 1, 2), gb  # (C, 3, 3, C_in) in memory is a channels-last (C, C_in, 3, 3)
 
 
 @_conv3x3_pool2x2_wgrad.register_fake
-def _(x, gy, code, bf16):
+def _(x, gy, winners, bf16):
     C, C_in = gy.shape[1], x.shape[1]
     return torch.empty((C, C_in, 3, 3), device=x.device, memory_format=CL), x.new_empty((C,), dtype=torch.float32)
 
@@ -223,18 +223,18 @@ def _conv3x3_setup(ctx, inputs, output):
 
 
 def _conv3x3_backward(ctx, gy, _gcode):
-    x, weight, code = ctx.saved_tensors
+    x, weight, winners = ctx.saved_tensors
     gx = None
     if ctx.needs_input_grad[0]:  # the convolution's full-size gradient, then its input gradient
         xs, w = _conv3x3_inputs(x, weight, ctx.bf16)
-        gconv = pool2x2_backward(gy.to(xs.dtype), code)
+        gconv = pool2x2_backward(gy.to(xs.dtype), winners)
         if not ctx.bf16 and winograd_takes(w.shape[0], w.shape[1]):  # conv of gconv with W flipped
             gx = conv3x3_winograd(gconv, w.flip(2, 3).transpose(0, 1))
         else:
             gx = torch.ops.aten.convolution_backward(gconv, xs, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                                                      [True, False, False])[0]
         gx = gx.to(x.dtype)
-    gw, gb = _conv3x3_pool2x2_wgrad(x, gy, code, ctx.bf16)
+    gw, gb = _conv3x3_pool2x2_wgrad(x, gy, winners, ctx.bf16)
     return gx, gw, gb if ctx.has_bias else None, None, None
 
 

@@ -16,15 +16,15 @@ CL = torch.channels_last
 
 
 def pool_applies(x: Tensor) -> bool:
-    """A non-empty channels-last (N, C, H, W) bf16/fp32 CPU tensor with even H and W, the library built."""
+    """A non-empty channels-last (B, C, H, W) bf16/fp32 CPU tensor with even H and W, the library built."""
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES and x.numel() > 0
             and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.is_contiguous(memory_format=CL) and built())
 
 
 def pooled_like(x: Tensor, C: int, dtype: torch.dtype | None = None) -> Tensor:
-    """An empty channels-last (N, C, H/2, W/2) tensor for the pooled output of x (or its winner codes)."""
-    N, _, H, W = x.shape
-    return torch.empty((N, C, H // 2, W // 2), dtype=dtype or x.dtype, device=x.device, memory_format=CL)
+    """An empty channels-last (B, C, H/2, W/2) tensor for the pooled output of x (or its winner codes)."""
+    B, _, H, W = x.shape
+    return torch.empty((B, C, H // 2, W // 2), dtype=dtype or x.dtype, device=x.device, memory_format=CL)
 
 
 @torch.library.custom_op("nnlab::pool2x2", mutates_args=(), device_types="cpu")
@@ -34,11 +34,11 @@ def _pool2x2(x: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
     """
     record("pool2x2")
     x = x.contiguous(memory_format=CL)
-    N, C, H, W = x.shape
-    y, code = pooled_like(x, C), pooled_like(x, C, torch.uint8)
-    getattr(library(), f"pool2x2_fwd_{DTYPES[x.dtype]}")(x.data_ptr(), y.data_ptr(), code.data_ptr(), N, H, W, C,
+    B, C, H, W = x.shape
+    y, winners = pooled_like(x, C), pooled_like(x, C, torch.uint8)
+    getattr(library(), f"pool2x2_fwd_{DTYPES[x.dtype]}")(x.data_ptr(), y.data_ptr(), winners.data_ptr(), B, H, W, C,
                                                          int(relu), torch.get_num_threads())
-    return y, code
+    return y, winners
 
 
 @_pool2x2.register_fake
@@ -47,20 +47,20 @@ def _(x: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("nnlab::pool2x2_backward", mutates_args=(), device_types="cpu")
-def pool2x2_backward(gy: Tensor, code: Tensor) -> Tensor:
-    """The gradient of the pool's input, channels-last (N, C, 2 Ho, 2 Wo), from its output's gradient gy."""
+def pool2x2_backward(gy: Tensor, winners: Tensor) -> Tensor:
+    """The gradient of the pool's input, channels-last (B, C, 2 Ho, 2 Wo), from its output's gradient gy."""
     gy = gy.contiguous(memory_format=CL)
-    N, C, Ho, Wo = gy.shape
-    gx = torch.empty((N, C, 2 * Ho, 2 * Wo), dtype=gy.dtype, memory_format=CL)
-    getattr(library(), f"pool2x2_bwd_{DTYPES[gy.dtype]}")(gy.data_ptr(), code.data_ptr(), gx.data_ptr(), N, 2 * Ho,
+    B, C, Ho, Wo = gy.shape
+    gx = torch.empty((B, C, 2 * Ho, 2 * Wo), dtype=gy.dtype, memory_format=CL)
+    getattr(library(), f"pool2x2_bwd_{DTYPES[gy.dtype]}")(gy.data_ptr(), winners.data_ptr(), gx.data_ptr(), B, 2 * Ho,
                                                           2 * Wo, C, torch.get_num_threads())
     return gx
 
 
 @pool2x2_backward.register_fake
-def _(gy: Tensor, code: Tensor) -> Tensor:
-    N, C, Ho, Wo = gy.shape
-    return torch.empty((N, C, 2 * Ho, 2 * Wo), dtype=gy.dtype, device=gy.device, memory_format=CL)
+def _(gy: Tensor, winners: Tensor) -> Tensor:
+    B, C, Ho, Wo = gy.shape
+    return torch.empty((B, C, 2 * Ho, 2 * Wo), dtype=gy.dtype, device=gy.device, memory_format=CL)
 
 
 def _setup_context(ctx, inputs, output):
@@ -69,8 +69,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, gy: Tensor, _gcode):
-    (code,) = ctx.saved_tensors
-    return pool2x2_backward(gy, code), None
+    (winners,) = ctx.saved_tensors
+    return pool2x2_backward(gy, winners), None
 
 
 _pool2x2.register_autograd(_backward, setup_context=_setup_context)
