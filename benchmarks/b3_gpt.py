@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from common import (Ctx, attempt, auto_note, fmt, gpt_train_flops_per_token, isolated, keep, read_events,
                     kernels_off, summarize, time_nnlab, timed, train_quiet, training_table)
 from nnlab.config import load_config
+from nnlab.errors import NnlabError
 from nnlab.models.gpt import GPT, GPTConfig
 
 BATCH, BLOCK = 12, 64
@@ -46,7 +47,10 @@ TARGET_RULE = (f"the val loss the plain loop reaches at the end of its own {SCHE
 
 def text_path() -> Path:
     """The recipe's corpus (config resolves it under the data root)."""
-    return Path(load_config("gpt-shakespeare").data.path)
+    path = Path(load_config("gpt-shakespeare").data.path)
+    if not path.is_file():
+        raise NnlabError(f"{path}: no such file; set NNLAB_DATA_ROOT to the folder that holds tinyshakespeare.txt")
+    return path
 
 
 def nanogpt_setup(device: torch.device, with_val: bool = False):

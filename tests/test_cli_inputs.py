@@ -9,6 +9,8 @@ Most calls run `nnlab.cli.main` in this process; a few go through a real `python
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import yaml
 
 from nnlab import cli
 from nnlab.config import recipe_dict
-from conftest import ok, one_line_error
+from conftest import cli_cmd, cli_env, ok, one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,3 +216,14 @@ def test_malformed_config_through_a_real_process(tmp_path, run_cli):
     p.write_text("train:\n  lr: [0.1\n")
     r = run_cli("train", "mlp-regression", "--config", p, "--out", tmp_path / "run", cwd=tmp_path)
     one_line_error(r.returncode, r.stderr, str(p), "not valid YAML at line 3", "expected ',' or ']'")
+
+
+def test_a_missing_data_root_names_the_variable(tmp_path):
+    """A shipped recipe whose data file is not under the data root: one line that names the file
+    and $NNLAB_DATA_ROOT, the way to point nnlab at the data."""
+    env = {**cli_env(), "NNLAB_DATA_ROOT": str(tmp_path / "nowhere")}
+    r = subprocess.run(cli_cmd("train", "gpt-shakespeare", "--out", tmp_path / "run"), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env=env)
+    one_line_error(r.returncode, r.stderr, os.path.join(tmp_path, "nowhere", "tinyshakespeare.txt"),
+                   "NNLAB_DATA_ROOT")
+    assert not (tmp_path / "run").exists()

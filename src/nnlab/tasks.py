@@ -11,6 +11,7 @@ of the same global batch without talking to the others.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,8 @@ from torch import Tensor
 
 from nnlab import ops
 from nnlab.config import Config
-from nnlab.errors import ConfigError
+from nnlab.errors import ConfigError, DataError
+from nnlab.recipes import data_root
 
 
 class Task:
@@ -115,6 +117,10 @@ class TextTask(Task):
         from nnlab.data import load_text
 
         super().__init__(cfg)
+        path = Path(cfg.data.path)
+        if not path.exists() and path.is_relative_to(data_root()):
+            raise DataError(f"data: {cfg.data.path}: no such file; shipped recipes read their data from the "
+                            f"data root, $NNLAB_DATA_ROOT (default ../shared/data beside the clone)")
         self.data = load_text(cfg.data.path, tokenizer=cfg.data.tokenizer)
         self.block_size = cfg.model.block_size
         for split, ids in (("train", self.data.train), ("validation", self.data.val)):
