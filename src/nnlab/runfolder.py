@@ -10,6 +10,13 @@ only module that knows its file names and formats.
     checkpoints/last.safetensors  model, optimizer, RNG and step: what --resume needs
     summary.json                  the final figures
 
+Written later by the analysis verbs, each from the run folder alone (none overwrites another's):
+
+    baselines.json                `nnlab baselines --run`: traditional models beside this one
+    learning_curve.json, .png     `nnlab learning-curve --out`: accuracy against training-set size
+    explain/METHOD.json, .png     `nnlab explain`: attributions or attention maps (.html for text)
+    report.html                   `nnlab report`: everything above, in one self-contained page
+
 Security: weights and training state load only from safetensors, a format with no code in it. A
 pickle or a zip-based `.pt` file offered as a checkpoint or model is refused by its first bytes
 before anything parses it; nnlab never calls torch.load.
@@ -49,6 +56,11 @@ MODEL = "model.safetensors"
 MODEL_INFO = "model.json"
 CHECKPOINT = "checkpoints/last.safetensors"
 SUMMARY = "summary.json"
+BASELINES = "baselines.json"
+LEARNING_CURVE = "learning_curve.json"
+LEARNING_CURVE_PLOT = "learning_curve.png"
+EXPLAIN_DIR = "explain"
+REPORT = "report.html"
 
 MAX_HEADER = 100 * 1024 * 1024  # a safetensors header larger than this is hostile or corrupt
 
@@ -77,6 +89,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj) -> None:
+    """An analysis result, written atomically (the file is whole or absent, never half-written)."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON result file of a run folder; a missing or corrupt one is a one-line NnlabError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NnlabError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NnlabError(f"{path}: not valid JSON ({e})") from None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
