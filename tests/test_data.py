@@ -292,3 +292,21 @@ def test_csv_errors(tmp_path):
     with pytest.raises(DataError) as e:
         load_tabular("csv", path=str(p), target="price")
     assert "'price'" in one_line(e) and "columns: a, b, y" in str(e.value)
+
+
+def test_task_arrays_are_what_the_model_sees(fmnist_dir):
+    """Baselines fit on Task.arrays(): the same split and preprocessing the deep model trains on."""
+    from nnlab.config import load_config
+    from nnlab.tasks import make_task
+
+    task = make_task(load_config("seed-cnn", overrides=[f"data.dir={fmnist_dir}"]))
+    x_tr, y_tr, x_te, y_te = task.arrays()
+    assert x_tr.shape == (len(task.x_train), 28 * 28) and x_te.shape == (len(task.x_test), 28 * 28)
+    np.testing.assert_array_equal(x_tr[3], task.x_train[3].flatten().numpy())  # normalised, not raw pixels
+    assert abs(float(x_tr.mean())) < 1 and set(np.unique(y_tr)) <= set(range(10)) and len(y_te) == len(x_te)
+
+    task = make_task(load_config("mlp-regression"))
+    x_tr, y_tr, x_te, y_te = task.arrays()
+    assert not task.classification and x_tr.shape[1] == 10
+    np.testing.assert_allclose(x_tr.mean(0), 0, atol=1e-5)  # standardised on the training split
+    np.testing.assert_array_equal(y_te, task.data.y_test.numpy())  # targets in their own units

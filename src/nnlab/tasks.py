@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,6 +27,7 @@ from nnlab.recipes import data_root
 class Task:
     kind: str  # image | text | tabular
     unit = "samples"  # what items_per_step() counts, as in the logged samples_per_s
+    classification = True  # labels are class indices (else regression targets)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -104,6 +106,12 @@ class ImageTask(Task):
             correct += (logits.argmax(1) == y).sum().item()
         return {"test_accuracy": correct / n, "test_loss": loss_sum / n}
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x_train, y_train, x_test, y_test) for models outside torch (scikit-learn's baselines): the
+        model's normalised inputs, one flattened row per image, and class indices."""
+        return (self.x_train.flatten(1).numpy(), self.data.y_train.numpy(),
+                self.x_test.flatten(1).numpy(), self.data.y_test.numpy())
+
     def meta(self) -> dict:
         return {"normalize": {"mean": self.data.mean, "std": self.data.std}, "classes": self.data.classes,
                 "input_shape": list(self.x_train.shape[1:])}
@@ -168,6 +176,7 @@ class TextTask(Task):
 
 class TabularTask(Task):
     kind = "tabular"
+    classification = False
 
     def __init__(self, cfg: Config):
         from nnlab.data import load_tabular
@@ -197,6 +206,12 @@ class TabularTask(Task):
         table = self.data
         pred = model(self.x_test.to(device)).float().squeeze(-1).cpu() * table.y_std + table.y_mean
         return {"test_mse": torch.mean((pred - table.y_test) ** 2).item()}
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x_train, y_train, x_test, y_test) for models outside torch (scikit-learn's baselines): the
+        model's standardised features, and targets in their own units."""
+        table = self.data
+        return self.x_train.numpy(), table.y_train.numpy(), self.x_test.numpy(), table.y_test.numpy()
 
     def meta(self) -> dict:
         table = self.data
