@@ -35,6 +35,23 @@ def cmd_generate(a) -> None:
     print(generate_text(a.run_dir, a.prompt, **kw))
 
 
+def cmd_baselines(a) -> None:
+    from rich.console import Console
+
+    from nnlab.analysis.baselines import table, write_baselines
+    from nnlab.runfolder import read_json
+
+    kw = {k: getattr(a, k) for k in ("data", "out", "max_fit_rows") if getattr(a, k) is not None}
+    if a.models is not None:
+        kw["models"] = [m.strip() for m in a.models.split(",") if m.strip()]
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe: the whole table, never cut to 80 columns
+        console = Console(width=120)
+    path = write_baselines(a.run, overrides=a.set, say=console.print, **kw)
+    console.print(table(read_json(path)))
+    console.print(f"wrote {path}")
+
+
 def cmd_recipes(a) -> None:
     from nnlab.config import recipe_dict, recipe_names
 
@@ -62,8 +79,8 @@ def cmd_keys(a) -> None:
             print(f"  {key:<{width[0]}}  {type_name:<{width[1]}}  {default:<{width[2]}}  {doc}")
 
 
-VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "recipes": cmd_recipes, "keys": cmd_keys,
-         "info": cmd_info}
+VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "baselines": cmd_baselines,
+         "recipes": cmd_recipes, "keys": cmd_keys, "info": cmd_info}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,6 +101,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int)
+    b = sub.add_parser("baselines", help="fit traditional ML (scikit-learn) on the deep models' split and compare")
+    b.add_argument("--data", help="a data set, as data.name (default fashion-mnist)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a data key, e.g. data.path=table.csv or data.limit=1000")
+    b.add_argument("--run", metavar="RUN_DIR", help="a trained run: its own split, its model in the table, "
+                   "baselines.json written into it")
+    b.add_argument("--out", metavar="DIR", help="where baselines.json goes without --run (default runs/baselines-DATA-TIME)")
+    b.add_argument("--models", metavar="A,B,...", help="the baselines to fit (default: all that fit the task)")
+    b.add_argument("--max-fit-rows", type=int, metavar="N", help="fit every model on at most N training rows "
+                   "(default: each model's own limit)")
     sub.add_parser("recipes", help="list the shipped recipes")
     k = sub.add_parser("keys", help="list every config key with its type, default and doc")
     k.add_argument("--model", help="only this model's keys (default: every model's)")
