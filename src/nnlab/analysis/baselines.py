@@ -45,6 +45,7 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, SVR
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+from threadpoolctl import threadpool_limits
 
 from nnlab import runfolder
 from nnlab.config import Config, build_config, parse_overrides
@@ -56,8 +57,8 @@ LATENCY_CALLS = 25
 
 
 def n_jobs() -> int:
-    """Workers for the estimators that take n_jobs: as many as torch's thread pool, so that
-    OMP_NUM_THREADS (or torch.set_num_threads) bounds every model alike."""
+    """Workers (and threads) of every baseline: as many as torch's thread pool, so that
+    OMP_NUM_THREADS (or torch.set_num_threads) bounds the traditional and the deep models alike."""
     return torch.get_num_threads()
 
 
@@ -144,23 +145,24 @@ def fit_and_score(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: n
     model = make_estimator(name, classification, seed)
     rows = max_fit_rows if max_fit_rows is not None else BASELINES[name].max_fit_rows
     x_fit, y_fit, note = subsample(x_train, y_train, rows, classification, seed)
-    with warnings.catch_warnings(record=True) as caught:
+    # n_jobs() bounds scikit-learn's OpenMP and BLAS threads too (boosting, k-NN's distances, SVC).
+    with threadpool_limits(limits=n_jobs()), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)  # the iteration cap is part of the setup: noted, not shown
         t0 = time.perf_counter()
         model.fit(x_fit, y_fit)
         fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pred = model.predict(x_test)
+        predict_s = time.perf_counter() - t0
+        latency = latency_ms(lambda i: model.predict(x_test[i : i + 1]), len(x_test))
     for w in caught:
         if not issubclass(w.category, ConvergenceWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         note = "; ".join(filter(None, [note, "stopped at its iteration cap before converging"]))
-    t0 = time.perf_counter()
-    pred = model.predict(x_test)
-    predict_s = time.perf_counter() - t0
     return {"model": name, "estimator": repr(model), "deep": False, "n_fit": len(y_fit),
             **score(pred, y_test, classification), "fit_s": round(fit_s, 3), "predict_s": round(predict_s, 3),
-            "latency_ms": round(latency_ms(lambda i: model.predict(x_test[i : i + 1]), len(x_test)), 4),
-            "note": note}
+            "latency_ms": round(latency, 4), "note": note}
 
 
 @torch.inference_mode()
