@@ -14,7 +14,7 @@ images: seconds, not figures.
 from __future__ import annotations
 
 from common import Ctx, isolated
-from nnlab.analysis.baselines import data_config, fit_and_score, names
+from nnlab.analysis.baselines import LATENCY_CALLS, data_config, fit_and_score, names
 
 BUDGET_S = 600.0
 QUICK = {"data": ["data.limit=1000"], "max_fit_rows": 300}
@@ -40,9 +40,10 @@ def run(ctx: Ctx) -> dict:
     within = total <= BUDGET_S
     rows.append(["all six", "", "", f"{total:.1f}", "", "",
                  f"budget {BUDGET_S:.0f} s: {'within' if within else 'OVER'}"])
-    notes = ["each model fitted once, in a fresh process (common.isolated), with nnlab baselines' defaults; "
+    notes = [f"each model fitted once, in a fresh process (common.isolated), with nnlab baselines' defaults; "
              f"n_jobs = torch's threads ({ctx.machine['threads']})",
-             "latency: median wall ms of 25 one-image predict() calls; predict s: the whole test split in one call"]
+             f"latency: median wall ms of {LATENCY_CALLS} one-image predict() calls; predict s: the whole test "
+             "split in one call"]
     if ctx.quick:
         notes.append(f"--quick: {QUICK['max_fit_rows']} of the first 1,000 training images, the first 1,000 test "
                      "images; the budget applies to the full run only")

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ok, one_line_error
 from sklearn.metrics import accuracy_score
 
 import nnlab
-from conftest import ok, one_line_error
-from nnlab.analysis.baselines import BASELINES, fit_and_score, make_estimator, names, subsample
-from nnlab.analysis.baselines import data_config
+from nnlab.analysis.baselines import BASELINES, data_config, fit_and_score, make_estimator, names, subsample
 from nnlab.tasks import make_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,6 +106,19 @@ def test_regression_reports_mse_and_the_articles_loss(cli_main, tmp_path, regres
     assert "1/(2N)" in out
 
 
+def test_a_csv_file_is_regression_data(cli_main, tmp_path, csv_file):
+    """--data csv with data.path (relative: against the current folder, as `nnlab train --set`) and
+    data.target: y = 3a - 2b + noise of sd 0.1, so a linear model's test MSE is near 0.01."""
+    shutil.copy(csv_file, tmp_path / "table.csv")
+    rc, _, err = cli_main("baselines", "--data", "csv", "--set", "data.path=table.csv", "--set", "data.target=y",
+                            "--models", "linear-regression,knn", "--out", "b")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "b" / "baselines.json").read_text())
+    assert (doc["data"], doc["n_features"], doc["n_train"] + doc["n_test"]) == ("csv", 2, 200)
+    linear, knn = doc["rows"]
+    assert linear["test_mse"] < 0.03 < knn["test_mse"]
+
+
 def test_a_subsample_is_stratified_seeded_and_noted(cli_main, tmp_path):
     rc, out, err = cli_main("baselines", "--data", "digits", "--out", tmp_path, "--models", "svm-rbf,knn",
                             "--max-fit-rows", "200")
@@ -116,7 +129,7 @@ def test_a_subsample_is_stratified_seeded_and_noted(cli_main, tmp_path):
     assert "200-row subsample" in out
 
     x, y, _, _ = make_task(data_config("digits", None)).arrays()
-    x1, y1, note = subsample(x, y, 200, True, seed=0)
+    x1, y1, _ = subsample(x, y, 200, True, seed=0)
     share = np.bincount(y1, minlength=10) / 200 - np.bincount(y, minlength=10) / len(y)
     assert len(y1) == 200 and np.abs(share).max() <= 1 / 200  # each class within one row of its share
     assert np.array_equal(x1, subsample(x, y, 200, True, seed=0)[0])
@@ -145,6 +158,17 @@ def test_a_run_gets_its_model_beside_the_baselines_and_keeps_its_files(cli_main,
     assert "nnlab seed-cnn" in out
 
 
+def test_a_run_without_its_summary_fails_before_fitting(cli_main, tmp_path, cnn_run):
+    run = tmp_path / "run"
+    shutil.copytree(cnn_run, run)
+    (run / "baselines.json").unlink(missing_ok=True)
+    (run / "summary.json").unlink()
+    before = hashes(run)
+    rc, out, err = cli_main("baselines", "--run", run)
+    one_line_error(rc, err, "summary.json")
+    assert "fitting" not in out and hashes(run) == before
+
+
 BAD = [  # arguments, what the one line must name
     (["--models", "random-forest,xgboost"], ["'xgboost'", "random-forest", "hist-gradient-boosting"]),
     (["--models", ""], ["--models"]),
@@ -167,7 +191,7 @@ BAD = [  # arguments, what the one line must name
 def test_bad_input_is_one_line_and_changes_nothing(cli_main, tmp_path, cnn_run, args, needles):
     (tmp_path / "file").write_text("in the way")
     before = hashes(cnn_run)
-    rc, out, err = cli_main("baselines", *[a.format(tmp=tmp_path, run=cnn_run) for a in args])
+    rc, _, err = cli_main("baselines", *[a.format(tmp=tmp_path, run=cnn_run) for a in args])
     one_line_error(rc, err, *needles)
     assert hashes(cnn_run) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no output folder, no runs/

@@ -28,15 +28,19 @@ import os
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from sklearn.compose import TransformedTargetRegressor
-from sklearn.ensemble import (HistGradientBoostingClassifier, HistGradientBoostingRegressor, RandomForestClassifier,
-                              RandomForestRegressor)
+from sklearn.ensemble import (
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.metrics import accuracy_score, mean_squared_error
@@ -166,13 +170,11 @@ def fit_and_score(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: n
 
 
 @torch.inference_mode()
-def deep_row(run_dir: Path, cfg: Config, task) -> dict:
-    """The run's trained model as a row of the same table: its test metric from task.evaluate (what
-    `nnlab eval` reports), its training seconds, and prediction timed as the baselines' is."""
-    from nnlab import load
-
-    model, _ = load(run_dir)
-    summary = runfolder.read_json(run_dir / runfolder.SUMMARY)
+def deep_row(model: torch.nn.Module, summary: dict, cfg: Config, task) -> dict:
+    """A run's trained model (from nnlab.load) as a row of the same table: its test metric from
+    task.evaluate (what `nnlab eval` reports), its training seconds from its summary, and prediction
+    timed as the baselines' is: the test split in batches of train.eval_batch_size, then one sample
+    a call."""
     metrics = task.evaluate(model, torch.device("cpu"))
     x_test, batch = task.x_test, cfg.train.eval_batch_size
     t0 = time.perf_counter()
@@ -247,6 +249,9 @@ def write_baselines(run_dir: str | Path | None = None, data: str | None = None, 
     for name in chosen:
         make_estimator(name, classification)  # a model that does not fit the task fails now, not after others
     x_train, y_train, x_test, y_test = task.arrays()
+    if run_dir is not None:  # a broken model or summary fails now, before minutes of fitting
+        model, _ = runfolder.load(run_dir)
+        summary = runfolder.read_json(Path(run_dir) / runfolder.SUMMARY)
 
     rows = []
     for name in chosen:
@@ -254,7 +259,7 @@ def write_baselines(run_dir: str | Path | None = None, data: str | None = None, 
         rows.append(fit_and_score(name, x_train, y_train, x_test, y_test, classification, max_fit_rows, seed))
     if run_dir is not None:
         say("timing the run's model ...")
-        rows.append(deep_row(Path(run_dir), cfg, task))
+        rows.append(deep_row(model, summary, cfg, task))
     doc = {"data": cfg.data.name, "task": "classification" if classification else "regression",
            "metric": "test_accuracy" if classification else "test_mse",
            "n_train": len(y_train), "n_test": len(y_test), "n_features": int(x_train.shape[1]),
