@@ -168,12 +168,15 @@ def attribute(model: nn.Module, x: Tensor, method: str, target: Tensor, kind: st
             return grads.norm(dim=-1).detach(), None  # (B, T)
         attrs, deltas = LayerIntegratedGradients(fn, layer).attribute(x, baselines=torch.zeros_like(x), **ig_args)
         return attrs.sum(-1).detach(), deltas.detach()  # (B, T)
+    # Inputs and baseline both need a gradient: nnlab's conv kernels then decline every forward pass
+    # Captum makes, the convergence delta's F(x) and F(x') included, so all of it runs one path.
     x = x.detach().clone().requires_grad_()
+    baseline = torch.zeros_like(x).requires_grad_()
     if method == "saliency":
         attrs = Saliency(fn).attribute(x, target=target, abs=True)
         reduce = "max"
     elif method == "integrated-gradients":
-        attrs, deltas = IntegratedGradients(fn).attribute(x, baselines=torch.zeros_like(x), **ig_args)
+        attrs, deltas = IntegratedGradients(fn).attribute(x, baselines=baseline, **ig_args)
         deltas, reduce = deltas.detach(), "sum"
     elif method == "grad-cam":
         cam = LayerGradCam(fn, gradcam_layer(model)).attribute(x, target=target, relu_attributions=True)
@@ -319,7 +322,7 @@ def _draw_attribution(method: str, maps: Tensor, data: Samples, predicted: list,
             "embeddings): red raised it, blue lowered it." if signed else
             "Each token's gradient norm at its embedding for the predicted next token's logit.")
     return {f"{EXPLAIN_DIR}/{method}.html": fig.text_heatmap(data.tokens, maps.numpy(), predicted, data.true, title,
-                                                             note, signed)}
+                                                             note)}
 
 
 def _draw_attention(method: str, maps: list[Tensor], data: Samples, predicted: list, info: dict) -> dict:
@@ -347,8 +350,9 @@ def _draw_attention(method: str, maps: list[Tensor], data: Samples, predicted: l
     else:
         mats = [(f"block #{i}", R[i].numpy()) for i in range(min(len(R), 8))]
     return {f"{EXPLAIN_DIR}/{method}.html": fig.text_heatmap(data.tokens, R[:, -1].numpy(), predicted, data.true,
-                                                             title, note, False),
-            png: fig.matrix_grid(mats, f"{title}: block #0" if method == "attention" else title, data.tokens[0])}
+                                                             title, note),
+            png: fig.matrix_grid(mats, f"{info['model']['name']}: attention per layer and head, block #0"
+                                 if method == "attention" else title, data.tokens[0])}
 
 
 def format_result(result: dict) -> str:

@@ -26,8 +26,11 @@ def _png(fig) -> bytes:
 
 def _heat(m: np.ndarray) -> np.ndarray:
     """An RGBA layer for a map over an image: red where > 0, blue where < 0, opaque in proportion to
-    |m| (scaled to its 99th percentile, so a few extreme pixels do not wash out the rest): the image
-    stays visible where the map is near zero."""
+    |m| (a map with no negative values: to how far it rises above its lowest value, so a uniform
+    attention map shows nothing). Scaled to the 99th percentile, so a few extreme pixels do not wash
+    out the rest; the image stays visible where the map is low."""
+    if m.min() >= 0:
+        m = m - m.min()
     top = float(np.percentile(np.abs(m), 99)) or float(np.abs(m).max()) or 1.0
     rgba = np.zeros((*m.shape, 4))
     rgba[..., :3] = np.where(m[..., None] >= 0, (0.9, 0.1, 0.05), (0.1, 0.3, 1.0))
@@ -68,7 +71,7 @@ def image_grid(images: np.ndarray, maps: np.ndarray, predicted: list, true: list
         for ax in hx.flat:
             ax.axis("off")
         for ax, (label, m) in zip(hx.flat, heads):
-            ax.imshow(m, cmap="viridis", vmin=0.0, vmax=float(m.max()) or 1.0)
+            parts[1].colorbar(ax.imshow(m, cmap="viridis"), ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
             ax.set_title(label, fontsize=8)
     return _png(fig)
 
@@ -102,7 +105,7 @@ def matrix_grid(mats: list[tuple[str, np.ndarray]], title: str, tokens: list[str
         ax.axis("off")
     for ax, (label, m) in zip(axes.flat, mats):
         ax.axis("on")
-        ax.imshow(m, cmap="viridis", vmin=0.0, vmax=float(m.max()) or 1.0)
+        fig.colorbar(ax.imshow(m, cmap="viridis", vmin=0.0), ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("key", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
@@ -120,7 +123,7 @@ def _visible(token: str) -> str:
 
 
 def text_heatmap(blocks: list[list[str]], weights: np.ndarray, predicted: list, true: list, title: str,
-                 explanation: str, signed: bool) -> str:
+                 explanation: str) -> str:
     """A self-contained HTML page: each block's tokens on a background as strong as the token's weight
     (red > 0, blue < 0; each block scaled to its own largest |weight|), the value in a tooltip."""
     rows = []
@@ -129,7 +132,7 @@ def text_heatmap(blocks: list[list[str]], weights: np.ndarray, predicted: list, 
         spans = []
         for tok, v in zip(tokens, w):
             alpha = abs(float(v)) / top
-            rgb = "220,40,40" if v >= 0 or not signed else "40,80,220"
+            rgb = "220,40,40" if v >= 0 else "40,80,220"
             text = html.escape(tok.replace("\n", "\u21b5\n"))
             spans.append(f'<span title="{float(v):.4g}" style="background:rgba({rgb},{alpha:.3f})">{text}</span>')
         ok = "right" if predicted[i] == true[i] else "wrong"
