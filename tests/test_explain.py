@@ -72,7 +72,7 @@ def mlp_run(tmp_path_factory) -> Path:
 def setup(run: Path, n: int = 4):
     """(model, info, samples, target) as explain() prepares them."""
     model, info = nnlab.load(run)
-    data = ex.test_samples(run, n)
+    data = ex.first_samples(run, n, info)
     target, _, _ = ex.predict(model, data, info)
     return model, info, data, target
 
@@ -207,8 +207,10 @@ CASES = {  # run, method or None (the default), the files besides the JSON
 def test_explain_writes_the_contract_files(case, request, cli_main):
     run_name, method, expected, suffixes = CASES[case]
     run = request.getfixturevalue(run_name)
+    before = {k: v for k, v in snapshot(run).items() if not k.startswith(f"explain/{expected}.")}
     rc, out, err = cli_main("explain", run, "--samples", 3, *(["--method", method] if method else []))
     assert rc == 0, err
+    assert {k: v for k, v in snapshot(run).items() if not k.startswith(f"explain/{expected}.")} == before
     result = json.loads((run / "explain" / f"{expected}.json").read_text())
     assert CONTRACT_KEYS <= set(result) and result["method"] == expected and result["samples"] == 3
     assert len(result["indices"]) == len(result["predicted"]) == len(result["true"]) == 3

@@ -61,7 +61,7 @@ METHODS = ("saliency", "integrated-gradients", "grad-cam", "attention", "rollout
 DEFAULT_SAMPLES = 8
 MAX_SAMPLES = 64  # one figure; more would not be readable
 IG_STEPS = 64  # Gauss-Legendre points: convergence delta ~0.1% of F(x) - F(x') on seed-cnn
-IG_BATCH = 512  # rows per forward pass: IG evaluates every input at IG_STEPS points
+IG_BATCH = 256  # rows per forward pass: IG evaluates every input at IG_STEPS points
 SANITY_THRESHOLD = 0.5
 SANITY_SEED = 0
 
@@ -87,8 +87,9 @@ class Samples:
     tokens: list[list[str]] | None = None  # text: each block's tokens, decoded one by one
 
 
-def test_samples(run_dir: Path, n: int) -> Samples:
-    """The first n test samples of a run's split (text: n consecutive validation blocks)."""
+def first_samples(run_dir: Path, n: int, info: dict) -> Samples:
+    """The first n test samples of a run's split (text: n consecutive validation blocks), labelled
+    with the class names of model.json (`info`) where it has them."""
     from nnlab.runfolder import read_config
     from nnlab.tasks import make_task
 
@@ -105,14 +106,14 @@ def test_samples(run_dir: Path, n: int) -> Samples:
     x, y = task.x_test, task.data.y_test
     if n > len(x):
         raise NnlabError(f"--samples: {n} is more than the {len(x)} test samples")
-    kind, meta = ("image" if x.dim() == 4 else "tabular"), task.meta()
-    return Samples(x[:n].contiguous(), list(range(n)), [_label(v, meta) for v in y[:n].tolist()], kind)
+    kind = "image" if x.dim() == 4 else "tabular"
+    return Samples(x[:n].contiguous(), list(range(n)), [_label(v, info) for v in y[:n].tolist()], kind)
 
 
-def _label(value, meta: dict):
-    """A class name where the run has class names, else the value itself (regression targets)."""
-    classes = meta.get("classes")
-    return classes[int(value)] if classes and float(value).is_integer() else value
+def _label(value, info: dict):
+    """A class name where the run has class names, else the class index or the regression target."""
+    classes = info.get("classes")
+    return classes[int(value)] if classes else value if isinstance(value, int) else round(float(value), 4)
 
 
 def score_fn(model: nn.Module, kind: str):
@@ -264,7 +265,7 @@ def explain(run_dir, method: str | None = None, samples: int = DEFAULT_SAMPLES) 
     blocker = runfolder.file_in_the_way(out_dir)
     if blocker is not None:
         raise NnlabError(f"{out_dir}: {blocker} is a file, not a folder")
-    data = test_samples(run_dir, samples)
+    data = first_samples(run_dir, samples, info)
 
     start = time.perf_counter()
     target, predicted, target_is = predict(model, data, info)
