@@ -347,13 +347,14 @@ def _draw_attention(method: str, maps: list[Tensor], data: Samples, predicted: l
         "in the last layer, heads averaged." if method == "attention" else
         "through all layers (rollout: heads averaged, identity added for the residual, multiplied through)."))
     if method == "attention":
-        mats = [(f"layer {l + 1} head {h + 1}", A[0, h].numpy()) for l, A in enumerate(maps) for h in range(A.shape[1])]
+        mats = [(f"layer {l + 1} head {h + 1}", A[0, h].numpy(), data.tokens[0])
+                for l, A in enumerate(maps) for h in range(A.shape[1])]
     else:
-        mats = [(f"block #{i}", R[i].numpy()) for i in range(min(len(R), 8))]
+        mats = [(f"block #{i}", R[i].numpy(), data.tokens[i]) for i in range(min(len(R), 8))]
     return {f"{EXPLAIN_DIR}/{method}.html": fig.text_heatmap(data.tokens, R[:, -1].numpy(), predicted, data.true,
                                                              title, note),
             png: fig.matrix_grid(mats, f"{info['model']['name']}: attention per layer and head, block #0"
-                                 if method == "attention" else title, data.tokens[0])}
+                                 if method == "attention" else title)}
 
 
 def format_result(result: dict) -> str:

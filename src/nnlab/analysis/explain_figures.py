@@ -90,26 +90,28 @@ def bar_grid(maps: np.ndarray, features: list[str], predicted: list, true: list,
         ax.barh(y, maps[i], color=np.where(maps[i] >= 0, "tab:red", "tab:blue"))
         ax.axvline(0, color="black", linewidth=0.5)
         ax.set_yticks(y, features, fontsize=8)
-        ax.invert_yaxis()
+        ax.set_xlabel("attribution (model output units)", fontsize=8)
         ax.set_title(f"#{i}: pred {predicted[i]}\ntrue {true[i]}", fontsize=9)
+    axes.flat[0].invert_yaxis()  # the first feature on top; the axes share y, so once inverts all
     return _png(fig)
 
 
-def matrix_grid(mats: list[tuple[str, np.ndarray]], title: str, tokens: list[str] | None = None) -> bytes:
-    """Square matrices (query rows x key columns) side by side, e.g. each layer's and head's A."""
+def matrix_grid(mats: list[tuple[str, np.ndarray, list[str]]], title: str) -> bytes:
+    """Square matrices (query rows x key columns) side by side, e.g. each layer's and head's A, each
+    with its label and the tokens of its rows and columns (named on the axes up to 32 of them)."""
     cols = min(len(mats), PER_ROW)
     rows = -(-len(mats) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows + 0.5), squeeze=False, layout="constrained")
     fig.suptitle(title)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (label, m) in zip(axes.flat, mats):
+    for ax, (label, m, tokens) in zip(axes.flat, mats):
         ax.axis("on")
         fig.colorbar(ax.imshow(m, cmap="viridis", vmin=0.0), ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("key", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
-        if tokens is not None and len(tokens) <= 32:
+        if len(tokens) <= 32:
             shown = [_visible(t) for t in tokens]
             ax.set_xticks(range(len(tokens)), shown, fontsize=6)
             ax.set_yticks(range(len(tokens)), shown, fontsize=6)
