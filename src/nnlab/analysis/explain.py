@@ -279,9 +279,10 @@ def explain(run_dir, method: str | None = None, samples: int = DEFAULT_SAMPLES) 
     else:
         maps, deltas = attribute(model, data.x, method, target, data.kind)
         fresh_maps, _ = attribute(reinitialised(info), data.x, method, target, data.kind)
-        if deltas is not None:
+        if deltas is not None:  # delta = sum(maps) - (F(x) - F(x')): the change, to judge it by
             result["convergence_delta"] = deltas.tolist()
-            result["ig"] = {"n_steps": IG_STEPS, "baseline": "zero input" if data.kind != "text" else "token id 0"}
+            result["ig"] = {"n_steps": IG_STEPS, "baseline": "zero input" if data.kind != "text" else "token id 0",
+                            "score_change": (maps.flatten(1).sum(1) - deltas).tolist()}
         result["sanity"] = sanity_check(maps, fresh_maps)
         files = _draw_attribution(method, maps, data, predicted, info)
     result["wall_s"] = round(time.perf_counter() - start, 3)
@@ -365,7 +366,8 @@ def format_result(result: dict) -> str:
     for i, (idx, p, t) in enumerate(zip(result["indices"], result["predicted"], result["true"])):
         line = f"  #{i} (index {idx}): predicted {p!r}, true {t!r}"
         if deltas is not None:
-            line += f", convergence delta {deltas[i]:+.2e}"
+            change = result["ig"]["score_change"][i]
+            line += f", convergence delta {deltas[i]:+.2e} (F(x) - F(x') = {change:+.3g})"
         lines.append(line)
     s = result.get("sanity")
     if s is not None:
