@@ -17,8 +17,8 @@ target's score (logit) and x the model's input:
                         numeric integral misses that. Baseline x' = 0: the training set's mean pixel or
                         feature row after normalisation; token id 0 at every position for text. A black
                         image instead would give every black pixel zero attribution in any model, so
-                        the explanation would follow the image, not the weights (the sanity check
-                        below then fails: rank correlation ~0.9 on Fashion-MNIST).
+                        the explanation would follow the image, not the weights (and fail the sanity
+                        check below on Fashion-MNIST, where about half the pixels are black).
   grad-cam              ReLU(sum_k mean_ij(dF_c/dA^k_ij) A^k) (Selvaraju et al., 2017): the feature maps
                         A^k of the last convolution block weighted by their mean gradient, upsampled
                         bilinearly to the input. CNNs only.
@@ -60,7 +60,7 @@ from nnlab.errors import NnlabError
 METHODS = ("saliency", "integrated-gradients", "grad-cam", "attention", "rollout")
 DEFAULT_SAMPLES = 8
 MAX_SAMPLES = 64  # one figure; more would not be readable
-IG_STEPS = 64  # Gauss-Legendre points: convergence delta ~0.1% of F(x) - F(x') on seed-cnn
+IG_STEPS = 64  # Gauss-Legendre points; each sample's convergence delta says whether they were enough
 IG_BATCH = 256  # rows per forward pass: IG evaluates every input at IG_STEPS points
 SANITY_THRESHOLD = 0.5
 SANITY_SEED = 0
@@ -244,7 +244,8 @@ def sanity_check(maps: Tensor, fresh_maps: Tensor) -> dict:
 def explain(run_dir, method: str | None = None, samples: int = DEFAULT_SAMPLES) -> dict:
     """Explain a trained model's predictions for the first `samples` test samples with `method`
     (default: the model's first in methods_for), write explain/METHOD.* into the run folder and return
-    what explain/METHOD.json holds. Bad input (no run folder, no model.json, a method that does not
+    what explain/METHOD.json holds (wall_s: the seconds spent predicting, attributing and drawing,
+    after the model and data have loaded). Bad input (no run folder, no model.json, a method that does not
     fit the model, samples out of 1..MAX_SAMPLES) is an NnlabError raised before anything is written."""
     from nnlab import runfolder
 
