@@ -79,8 +79,15 @@ def cmd_keys(a) -> None:
             print(f"  {key:<{width[0]}}  {type_name:<{width[1]}}  {default:<{width[2]}}  {doc}")
 
 
+def cmd_explain(a) -> None:
+    from nnlab.analysis.explain import explain, format_result
+
+    kw = {k: getattr(a, k) for k in ("method", "samples") if getattr(a, k) is not None}
+    print(format_result(explain(a.run_dir, **kw)))
+
+
 VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "baselines": cmd_baselines,
-         "recipes": cmd_recipes, "keys": cmd_keys, "info": cmd_info}
+         "explain": cmd_explain, "recipes": cmd_recipes, "keys": cmd_keys, "info": cmd_info}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,6 +122,11 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="list every config key with its type, default and doc")
     k.add_argument("--model", help="only this model's keys (default: every model's)")
     sub.add_parser("info", help="what decides speed here: CPU flags, precision=auto, torch, nnlab's kernels, CUDA")
+    x = sub.add_parser("explain", help="attributions or attention maps for a trained model's predictions")
+    x.add_argument("run_dir")
+    x.add_argument("--method", help="saliency, integrated-gradients, grad-cam (CNNs), attention or rollout "
+                   "(Transformers); default integrated-gradients, or attention for Transformers")
+    x.add_argument("--samples", type=int, help="explain the first N test samples (default 8)")
     return p
 
 
