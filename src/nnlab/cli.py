@@ -35,6 +35,12 @@ def cmd_generate(a) -> None:
     print(generate_text(a.run_dir, a.prompt, **kw))
 
 
+def cmd_report(a) -> None:
+    from nnlab.report import build_report
+
+    print(build_report(a.run_dir))
+
+
 def cmd_recipes(a) -> None:
     from nnlab.config import recipe_dict, recipe_names
 
@@ -62,8 +68,8 @@ def cmd_keys(a) -> None:
             print(f"  {key:<{width[0]}}  {type_name:<{width[1]}}  {default:<{width[2]}}  {doc}")
 
 
-VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "recipes": cmd_recipes, "keys": cmd_keys,
-         "info": cmd_info}
+VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "report": cmd_report, "recipes": cmd_recipes,
+         "keys": cmd_keys, "info": cmd_info}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int)
+    r = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page about a finished run")
+    r.add_argument("run_dir")
     sub.add_parser("recipes", help="list the shipped recipes")
     k = sub.add_parser("keys", help="list every config key with its type, default and doc")
     k.add_argument("--model", help="only this model's keys (default: every model's)")
