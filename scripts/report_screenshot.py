@@ -28,13 +28,15 @@ def check_page(html_path: Path, screenshot: Path, width: int = 1100) -> dict:
         raise FileNotFoundError("no `chromium` on PATH (Debian: apt-get install chromium)")
     found = {"network_requests": [], "console_errors": [], "page_errors": []}
 
-    def block_remote(route):
-        url = route.request.url
-        if url.split(":", 1)[0].lower() in ("http", "https", "ws", "wss", "ftp"):
-            found["network_requests"].append(url)
+    def block_remote(route):  # the page's own file and data: URIs load; nothing else does
+        if route.request.url.split(":", 1)[0].lower() in ("http", "https", "ws", "wss", "ftp"):
             route.abort()
         else:
             route.continue_()
+
+    def record(request):  # every request the page or a frame in it makes, aborted or not
+        if not request.url.startswith(("file:", "data:")):
+            found["network_requests"].append(request.url)
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])  # root in CI: no sandbox
@@ -44,8 +46,7 @@ def check_page(html_path: Path, screenshot: Path, width: int = 1100) -> dict:
             page = context.new_page()
             page.on("console", lambda m: m.type == "error" and found["console_errors"].append(m.text))
             page.on("pageerror", lambda e: found["page_errors"].append(str(e)))
-            page.on("request", lambda r: r.url.startswith(("http:", "https:")) and r.url not in found["network_requests"]
-                    and found["network_requests"].append(r.url))
+            page.on("request", record)
             page.goto(html_path.resolve().as_uri(), wait_until="load")
             images = page.eval_on_selector_all(
                 "img", "els => els.map(e => ({src: e.src.slice(0, 40), complete: e.complete, width: e.naturalWidth}))")

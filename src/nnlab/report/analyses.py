@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nnlab.errors import NnlabError
 from nnlab.report import figures
-from nnlab.report.page import REMOTE_REF, Section, absent, embedded_page, esc, figure, num, p, table
+from nnlab.report.page import REMOTE_REF, Section, absent, embedded_page, esc, figure, num, p, plural, table
 from nnlab.report.sections import Run, lower_is_better
 from nnlab.runfolder import BASELINES, EXPLAIN_DIR, LEARNING_CURVE, LEARNING_CURVE_PLOT, read_json
 
@@ -60,8 +60,8 @@ def baselines_section(run: Run) -> Section:
     machine = doc.get("machine") or {}
     s.add(p(f"{doc.get('data', '?')}, {doc.get('task', '?')}: {num(doc.get('n_train'))} training and "
             f"{num(doc.get('n_test'))} test examples, {num(doc.get('n_features'))} features; best first by {metric}. "
-            f"Timed on {machine.get('processor') or machine.get('cpu', '?')} with {machine.get('threads', '?')} "
-            f"threads, written {doc.get('written', '?')}."))
+            f"Timed on {machine.get('processor') or machine.get('cpu', '?')} with "
+            f"{plural(machine.get('threads', '?'), 'thread')}, written {doc.get('written', '?')}."))
     columns = ["model", "estimator", metric, "fit s", "predict s (test split)", "latency ms (one sample)",
                "rows fitted", "note"]
     s.add(table(columns, [[r["model"], r.get("estimator", ""), r[metric], r.get("fit_s"), r.get("predict_s"),

@@ -106,7 +106,7 @@ def reliability_diagram(bins: list[dict], ece: float) -> Figure:
     ax.bar(lo, [b["accuracy"] for b in full], width=width, align="edge", color=RUN_COLOR, alpha=0.8,
            edgecolor="white", label="accuracy in the bin")
     ax.bar(lo, [b["confidence"] - b["accuracy"] for b in full], bottom=[b["accuracy"] for b in full], width=width,
-           align="edge", color="#d93025", alpha=0.3, label="gap to mean confidence")
+           align="edge", fill=False, edgecolor="#d93025", hatch="///", linewidth=0.8, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "--", color=REF_COLOR, label="perfect calibration")
     ax.set_ylabel("accuracy")
     ax.set_title(f"expected calibration error {ece:.4f} ({len(bins)} equal-width bins)", fontsize=10)

@@ -40,7 +40,7 @@ iframe { width: 100%; height: 420px; border: 1px solid #e5e5ea; }
 """
 
 # (src|href) pointing at another origin: a page that has one would make a request when opened.
-REMOTE_REF = re.compile(r"""\b(?:src|href|srcset|action|poster)\s*=\s*["']?\s*(?:[a-z][a-z0-9+.-]*:)?//""", re.I)
+REMOTE_REF = re.compile(r"""\b(?:src|href|srcset|action|poster)\s*=\s*["']?\s*(?:[a-z][a-z0-9+.-]*:)?//""", re.IGNORECASE)
 
 
 @dataclass
@@ -83,6 +83,10 @@ def pre(text: str, bold_prefix: str = "") -> str:
 def absent(what: str, command: str) -> str:
     """The line a section shows when its data is not in the run folder: which command makes it."""
     return f'<p class="absent">No {esc(what)} in this run folder: produced by {code(command)}.</p>'
+
+
+def plural(n, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def num(x, spec: str = ".4g") -> str:

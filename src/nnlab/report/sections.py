@@ -7,7 +7,6 @@ never an exception, so the rest of the report is still written.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +17,14 @@ from nnlab.config import Config, load_config
 from nnlab.errors import NnlabError
 from nnlab.recipes import reference_curve
 from nnlab.report import evaluation, figures
-from nnlab.report.page import Section, code, esc, figure, num, p, pre, table
+from nnlab.report.page import Section, code, esc, figure, num, p, plural, pre, table
 from nnlab.runfolder import CONFIG
 
 RECORD_KEYS = {"event", "step", "time", "train_seconds"}  # a metrics.jsonl record's keys that are not metrics
 # Model fields the data sets (classes, vocabulary, input size): not a difference from the reference's recipe.
 DATA_FIELDS = {"in_channels", "image_size", "num_classes", "vocab_size", "in_features", "out_features"}
 MISTAKES_SHOWN = 16
+SAMPLE = {"max_new_tokens": 300, "temperature": 0.8, "top_k": 200, "seed": 1337}  # nnlab generate's options
 
 
 @dataclass
@@ -273,7 +273,7 @@ def sample_section(run: Run, task) -> Section:
     # The first whole line of the validation text (the split may cut a line in two).
     lines = tok.decode(task.data.val[:400].tolist()).split("\n")
     prompt = next((line[:60] for line in lines[1:] if line.strip()), lines[0][:60]) or "\n"
-    kw = dict(max_new_tokens=300, temperature=0.8, top_k=200, seed=1337)
+    kw = SAMPLE
     text = generate_text(run.dir, prompt, **kw)
     s.add(p(f"The model continues the first whole line of the validation split, in bold ({kw['max_new_tokens']} new tokens, "
             f"temperature {kw['temperature']}, top_k {kw['top_k']}, seed {kw['seed']}; `nnlab generate` takes the "
@@ -300,20 +300,22 @@ def efficiency_section(run: Run, model, measured: dict | None) -> Section:
             s.warn(f"FLOPs not counted: {e}")
     unit = "tokens" if run.info.get("task") == "text" else "samples"
     rate = summ.get(f"{unit}_per_s")
-    rows += [["training throughput", f"{rate:,.0f} {unit}/s (steady state, after a first step of "
-                                     f"{summ.get('first_step_seconds')} s)" if rate else "—"],
+    throughput = (f"{rate:,.0f} {unit}/s (steady state, after a first step of {summ.get('first_step_seconds')} s)"
+                  if rate else "—")
+    processor = (f"{machine.get('cpu', summ.get('cpu', '—'))}, threads: {machine.get('threads', '—')}"
+                 + (f"; CUDA {', '.join(machine['cuda'])}" if machine.get("cuda") else ""))
+    rows += [["training throughput", throughput],
              ["training time", f"{summ.get('train_seconds', '—')} s in {summ.get('steps', '—')} steps (evaluations excluded)"],
              ["precision", f"{summ.get('precision', '—')}: {summ.get('precision_reason', '')}"],
-             ["processor", f"{machine.get('cpu', summ.get('cpu', '—'))}, threads: {machine.get('threads', '—')}"
-                           + (f"; CUDA {', '.join(machine['cuda'])}" if machine.get("cuda") else "")],
+             ["processor", processor],
              ["CPU flags", ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine.get("cpu_flags", {}).items()) or "—"],
              ["nnlab kernels that ran", ", ".join(summ.get("kernels_used", [])) or "none"],
              ["processes (world size)", summ.get("world_size", "—")]]
     if measured:
+        rate = measured["examples"] / measured["seconds"]
         rows.append(["test-set inference (this report)",
-                     f"{measured['examples'] / measured['seconds']:,.0f} {'rows' if run.info.get('task') == 'tabular' else 'samples'}/s "
-                     f"fp32, batches of {run.cfg.train.eval_batch_size}, {torch.get_num_threads()} threads, "
-                     f"on this machine while writing the report"])
+                     f"{rate:,.0f} {unit}/s fp32, batches of {run.cfg.train.eval_batch_size}, "
+                     f"{plural(torch.get_num_threads(), 'thread')}, on this machine while writing the report"])
     s.add(table(None, rows))
     s.add(p("FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on one sample, with the model "
             "loaded with explicit=True: nnlab's CPU kernels are custom ops the counter cannot see, and the "
