@@ -227,6 +227,21 @@ def test_corrupt_analysis_files_are_warnings_and_the_rest_is_written(cnn_run, cl
     assert {"evaluation", "calibration", "explanations"} <= made(page)
 
 
+def test_a_refused_model_file_and_a_torn_metrics_line_leave_the_rest_of_the_page(cnn_run, cli_main, tmp_path):
+    """A pickle offered as the weights is never loaded: the evaluation says why; a half-written last
+    line of metrics.jsonl is skipped with a warning and the curves come from the whole lines."""
+    run = copy_run(cnn_run, tmp_path / "run")
+    (run / "model.safetensors").write_bytes(b"\x80\x04\x95pickled")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"event": "train", "st')
+    before = snapshot(run)
+    page, err = report(cli_main, run)
+    assert snapshot(run) == {**before, "report.html": snapshot(run)["report.html"]}
+    assert "evaluation" in not_made(page) and "curves" in made(page)
+    assert "model.safetensors: refused: a pickle" in err and "metrics.jsonl: 1 unreadable line(s) skipped" in err
+    assert "FLOPs per forward pass" not in page and "training throughput" in page
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 def test_a_folder_that_is_not_a_finished_run_is_refused(cnn_run, cli_main, tmp_path):
@@ -356,3 +371,13 @@ def test_the_report_in_headless_chromium(full_run, cli_main, tmp_path):
     rc, found = screenshot(bad, tmp_path / "bad.png")
     assert rc == 1 and found["network_requests"] == ["https://example.org/a.png"]
     assert len(found["broken_images"]) == 2 and found["console_errors"]
+
+
+def test_without_chromium_the_browser_test_skips_except_under_ci(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the browser test: no `chromium`"):
+        browser_or_skip()
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="no `chromium` on PATH"):
+        browser_or_skip()

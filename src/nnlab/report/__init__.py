@@ -76,8 +76,7 @@ def read_run(run_dir: str | Path) -> Run:
 def build_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report.html from the run folder and return its path (see the module docstring)."""
     run = read_run(run_dir)
-    task = model = measured = None
-    task_error = None
+    task = model = measured = task_error = model_error = None
     try:
         from nnlab.tasks import make_task
 
@@ -87,13 +86,20 @@ def build_report(run_dir: str | Path) -> Path:
     try:
         model, _ = load(run.dir)
     except NnlabError as e:
-        run.warnings.append(f"the model cannot be loaded, so nothing is evaluated: {e}")
+        model_error = str(e)
 
     config = sections.config_section(run, task, task_error)
     config.warnings[:0] = run.warnings
     parts = [config, sections.curves_section(run)]
     kind = run.info["task"]
-    if model is not None and task is not None:
+    if model is None or task is None:
+        missing = page.Section("evaluation", "Test-set evaluation", made=False)
+        if model_error:
+            missing.warn(f"the model cannot be loaded, so nothing is evaluated: {model_error}")
+        else:
+            missing.add(page.p("Not evaluated: the data could not be loaded (see the first section).", "absent"))
+        parts.append(missing)
+    else:
         try:
             if kind == "text":
                 parts.append(sections.sample_section(run, task))
