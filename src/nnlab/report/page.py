@@ -90,14 +90,10 @@ def plural(n, word: str) -> str:
 
 
 def num(x, spec: str = ".4g") -> str:
-    """A number for a table cell; None and non-numbers as they are."""
+    """A number as text (thousands separated), None as a dash, anything else as it is."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return "—" if x is None else esc(x)
-    return esc(f"{x:,}" if isinstance(x, int) else format(x, spec))
-
-
-class Raw(str):
-    """A table cell that is HTML already (not escaped again)."""
+        return "—" if x is None else str(x)
+    return f"{x:,}" if isinstance(x, int) else format(x, spec)
 
 
 def table(columns: list[str] | None, rows: list[list], numeric: set[int] = frozenset(),
@@ -108,8 +104,8 @@ def table(columns: list[str] | None, rows: list[list], numeric: set[int] = froze
     body = []
     for i, row in enumerate(rows):
         cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        cells = "".join(f'<td class="num">{c if isinstance(c, Raw) else num(c)}</td>' if j in numeric
-                        else f"<td>{c if isinstance(c, Raw) else esc(c)}</td>" for j, c in enumerate(row))
+        cells = "".join(f'<td class="num">{esc(num(c))}</td>' if j in numeric else f"<td>{esc(c)}</td>"
+                        for j, c in enumerate(row))
         body.append(f"<tr{cls}>{cells}</tr>")
     return f"<table>{head}<tbody>{''.join(body)}</tbody></table>"
 
