@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int)
     r = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page about a finished run")
-    r.add_argument("run_dir")
+    r.add_argument("run_dir", help="a finished run folder; only its report.html is written")
     sub.add_parser("recipes", help="list the shipped recipes")
     k = sub.add_parser("keys", help="list every config key with its type, default and doc")
     k.add_argument("--model", help="only this model's keys (default: every model's)")
