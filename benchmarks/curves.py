@@ -3,7 +3,8 @@
     python benchmarks/curves.py RECIPE [--seeds 0 1 2] [--set KEY=VALUE ...] [--out runs/curves]
                                        [--target METRIC=VALUE ...] [--reuse] [--json PATH]
 
-Trains RECIPE once per seed and writes benchmarks/curves/RECIPE.json: for every logged step the
+Trains RECIPE once per seed and writes src/nnlab/recipes/curves/RECIPE.json (shipped with the
+package, so `nnlab report` draws it beside a run of the recipe): for every logged step the
 mean, min and max training loss and elapsed seconds, and the same for each evaluation metric
 (with the training seconds to it: evaluations excluded). A user can hold a run of theirs against
 it to tell whether it is on track. The file names the processor and torch version: seconds from
@@ -28,6 +29,7 @@ import nnlab
 from common import output_file
 from nnlab.config import load_config
 from nnlab.errors import NnlabError
+from nnlab.recipes import CURVES
 from nnlab.runfolder import atomic_write_text
 from nnlab.train.precision import cpu_name
 
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/curves")
     p.add_argument("--target", action="append", default=[], metavar="METRIC=VALUE", type=metric_value)
     p.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of training")
-    p.add_argument("--json", type=output_file, help="where to write (default: benchmarks/curves/RECIPE.json)")
+    p.add_argument("--json", type=output_file, help="where to write (default: src/nnlab/recipes/curves/RECIPE.json)")
     a = p.parse_args(argv)
     if len(set(a.seeds)) < len(a.seeds):
         p.error(f"--seeds: each seed once, got {a.seeds}")
@@ -115,7 +117,7 @@ def write_curves(a: argparse.Namespace) -> int:
            "final": {m: spread([s[m] for s in summaries]) for m in metrics if m in summaries[0]},
            "train_seconds": spread([s["train_seconds"] for s in summaries]),
            "targets": [time_to(runs, m, v) for m, v in a.target]}
-    path = a.json or Path(__file__).parent / "curves" / f"{a.recipe}.json"
+    path = a.json or CURVES / f"{a.recipe}.json"
     atomic_write_text(path, json.dumps(doc, indent=1))
     for m, v in doc["final"].items():
         print(f"{a.recipe}: final {m} mean {v['mean']:.4f} [{v['min']:.4f}-{v['max']:.4f}] over seeds {a.seeds}")

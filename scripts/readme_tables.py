@@ -2,7 +2,7 @@
 
     python scripts/readme_tables.py [--check] [--root DIR]
 
-recipes:    one row per shipped recipe, from benchmarks/curves/<recipe>.json (its reference
+recipes:    one row per shipped recipe, from src/nnlab/recipes/curves/<recipe>.json (its reference
             curves: the final evaluation's mean [min-max] over seeds, training seconds,
             precision and processor).
 benchmarks: one row per measurement, one column per benchmarks/results-<kind>.json (one
@@ -71,8 +71,9 @@ def recipe_row(name: str, path: Path) -> list[str]:
 
 
 def recipes_table(root: Path) -> str:
-    curves = root / "benchmarks" / "curves"
-    names = {p.stem for p in (root / "src" / "nnlab" / "recipes").glob("*.yaml")} | {p.stem for p in curves.glob("*.json")}
+    recipes = root / "src" / "nnlab" / "recipes"
+    curves = recipes / "curves"
+    names = {p.stem for p in recipes.glob("*.yaml")} | {p.stem for p in curves.glob("*.json")}
     ordered = [n for n in RECIPE_ORDER if n in names] + sorted(names - set(RECIPE_ORDER))
     rows = [recipe_row(n, curves / f"{n}.json") for n in ordered]
     return markdown(["recipe", "reaches: mean [min-max] over seeds", "seeds", "training s", "precision",

@@ -1,6 +1,6 @@
 """The README's figures come from results files in the repo, never from a hand.
 
-scripts/readme_tables.py writes the recipes table from benchmarks/curves/*.json and the benchmark
+scripts/readme_tables.py writes the recipes table from src/nnlab/recipes/curves/*.json and the benchmark
 summary from benchmarks/results-<kind>.json; these tests hold README.md to what it writes, and
 every number in any table of README.md to a number some results file holds.
 """
@@ -16,12 +16,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "readme_tables.py"
+CURVES = ROOT / "src" / "nnlab" / "recipes" / "curves"
 # A number not glued to a word (fp32, B1, avx512f hold none): 2,870  88.49  0.54  1024.
 NUMBER = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?![\w,]*\d)")
 
 
 def results_files() -> list[Path]:
-    return sorted((ROOT / "benchmarks" / "curves").glob("*.json")) + sorted((ROOT / "benchmarks").glob("results-*.json"))
+    return sorted(CURVES.glob("*.json")) + sorted((ROOT / "benchmarks").glob("results-*.json"))
 
 
 def numbers_in(value) -> list[float]:
@@ -79,10 +80,10 @@ def test_a_figure_no_file_holds_is_caught():
 def copy_repo(tmp_path: Path) -> Path:
     """README.md and the files the script reads, in a folder of their own."""
     shutil.copy(ROOT / "README.md", tmp_path / "README.md")
-    shutil.copytree(ROOT / "benchmarks" / "curves", tmp_path / "benchmarks" / "curves")
+    (tmp_path / "benchmarks").mkdir()
     for path in (ROOT / "benchmarks").glob("results-*.json"):
         shutil.copy(path, tmp_path / "benchmarks" / path.name)
-    shutil.copytree(ROOT / "src" / "nnlab" / "recipes", tmp_path / "src" / "nnlab" / "recipes")
+    shutil.copytree(ROOT / "src" / "nnlab" / "recipes", tmp_path / "src" / "nnlab" / "recipes")  # with curves/
     return tmp_path
 
 
@@ -94,7 +95,7 @@ def check(root: Path) -> subprocess.CompletedProcess:
 def test_a_hand_edited_figure_fails_the_check_and_the_script_puts_it_back(tmp_path):
     root = copy_repo(tmp_path)
     readme = (root / "README.md").read_text(encoding="utf-8")
-    curve = json.loads((ROOT / "benchmarks" / "curves" / "seed-cnn.json").read_text())
+    curve = json.loads((CURVES / "seed-cnn.json").read_text())
     shown = f"{100 * curve['final']['test_accuracy']['mean']:.2f}%"
     assert shown in readme
     (root / "README.md").write_text(readme.replace(shown, "90.00%"), encoding="utf-8")

@@ -52,6 +52,12 @@ def cmd_baselines(a) -> None:
     console.print(f"wrote {path}")
 
 
+def cmd_report(a) -> None:
+    from nnlab.report import build_report
+
+    print(build_report(a.run_dir))
+
+
 def cmd_recipes(a) -> None:
     from nnlab.config import recipe_dict, recipe_names
 
@@ -87,7 +93,7 @@ def cmd_explain(a) -> None:
 
 
 VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "baselines": cmd_baselines,
-         "explain": cmd_explain, "recipes": cmd_recipes, "keys": cmd_keys, "info": cmd_info}
+         "explain": cmd_explain, "report": cmd_report, "recipes": cmd_recipes, "keys": cmd_keys, "info": cmd_info}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -118,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--models", metavar="A,B,...", help="the baselines to fit (default: all that fit the task)")
     b.add_argument("--max-fit-rows", type=int, metavar="N", help="fit every model on at most N training rows "
                    "(default: each model's own limit)")
+    r = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page about a finished run")
+    r.add_argument("run_dir", help="a finished run folder; only its report.html is written")
     sub.add_parser("recipes", help="list the shipped recipes")
     k = sub.add_parser("keys", help="list every config key with its type, default and doc")
     k.add_argument("--model", help="only this model's keys (default: every model's)")

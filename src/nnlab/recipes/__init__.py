@@ -9,11 +9,16 @@ root, $NNLAB_DATA_ROOT, else the `shared/data` folder beside the clone (<repo>/.
 found from this package's location), never against the current directory. A relative path in a
 file of your own (the recipe or a --config file) or a --set resolves against the current
 directory. Either way the config holds, and config.yaml records, the absolute path.
+
+curves/RECIPE.json holds a shipped recipe's reference curves (written by benchmarks/curves.py:
+loss and metrics against step and seconds, mean and spread over seeds), so a report can hold a
+run against them.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -23,6 +28,7 @@ import yaml
 from nnlab.errors import ConfigError
 
 PATH_KEYS = ("dir", "path")  # the data section's keys that hold a file or folder
+CURVES = Path(__file__).parent / "curves"
 
 
 def recipe_names() -> list[str]:
@@ -104,3 +110,14 @@ def recipe_layers(recipe: str, *, as_file: bool = False, _chain: tuple = ()) -> 
     if not shipped and not is_shipped(base):
         base = os.path.join(os.path.dirname(recipe), base)  # a file's base file is found beside it
     return [*recipe_layers(base, _chain=(*_chain, ident)), layer]
+
+
+def reference_curve(recipe: str) -> dict | None:
+    """The reference curves of a shipped recipe (curves/RECIPE.json), or None when it has none."""
+    path = CURVES / f"{recipe}.json"
+    if not (is_shipped(recipe) and path.is_file()):
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable reference curve ({e})") from None
