@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import one_line_error
+
 from nnlab.config import load_config
 from nnlab.data import load_images, load_tabular
 from nnlab.data.sampling import flip_labels, stratified_order, train_subset
@@ -87,7 +87,7 @@ def test_task_arrays_batches_and_evaluate_see_the_same_rows(fmnist_dir):
     base = ["data.dir=" + str(fmnist_dir), "train.batch_size=32"]
     clean = make_task(load_config("seed-cnn", overrides=base))
     task = make_task(load_config("seed-cnn", overrides=[*base, "data.train_fraction=0.5", "data.label_noise=0.2"]))
-    x_tr, y_tr, x_te, y_te = task.arrays()
+    _, y_tr, x_te, y_te = task.arrays()
     assert task.num_train() == len(y_tr) == 160
     kept = train_subset(320, 0.5, seed=0, y=clean.data.y_train.numpy())
     assert int((y_tr != clean.arrays()[1][kept]).sum()) == round(0.2 * 160)  # the noisy labels, not the clean
@@ -105,7 +105,8 @@ def test_tabular_subsets_and_noise():
     table = load_tabular("wine", train_fraction=0.5, label_noise=0.1)
     clean = load_tabular("wine", train_fraction=0.5)
     n = len(full.y_train)
-    assert len(table.y_train) == round(0.5 * n) and int((table.y_train != clean.y_train).sum()) == round(0.1 * len(table.y_train))
+    assert len(table.y_train) == round(0.5 * n)
+    assert int((table.y_train != clean.y_train).sum()) == round(0.1 * len(table.y_train))
     assert torch.equal(table.x_test, full.x_test) and torch.equal(table.y_test, full.y_test)
     share = torch.bincount(full.y_train) * len(clean.y_train) / n
     assert (torch.bincount(clean.y_train) - share).abs().max() < 1
@@ -138,6 +139,7 @@ def test_out_of_range_or_misplaced_values_are_one_line(tmp_path, cli_main, recip
 
 def test_keys_lists_the_data_keys(cli_main):
     rc, out, _ = cli_main("keys")
+    assert rc == 0
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  data.")}
     assert "auto" in lines["data.task"] and "split_seed" in lines["data.label_noise"]
     assert lines["data.train_fraction"].split()[1:3] == ["float", "1.0"]

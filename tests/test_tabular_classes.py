@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 
 import nnlab
-from conftest import one_line_error
 from nnlab.config import load_config
 from nnlab.data import load_tabular
 from nnlab.data.tabular import MAX_INTEGER_CLASSES
@@ -95,7 +95,7 @@ def test_bundled_tables_of_classes(name, n, features, classes):
     assert task.classification and task.loss_name == "cross_entropy"
     assert task.model_fields() == {"in_features": features, "out_features": len(classes)}
     assert task.meta()["classes"] == classes and "y_mean" not in task.meta()
-    x_tr, y_tr, x_te, y_te = task.arrays()
+    x_tr, y_tr, x_te, _ = task.arrays()
     assert len(x_tr) + len(x_te) == n and y_tr.dtype == np.int64 and set(np.unique(y_tr)) == set(range(len(classes)))
     np.testing.assert_allclose(x_tr.mean(0), 0, atol=1e-5)  # standardised on the training split
 
@@ -109,7 +109,8 @@ def test_mlp_tabular_trains_saves_the_classes_and_evaluates(tmp_path, cli_main):
     assert summary["test_accuracy"] >= 0.95, summary
     rc, out, err = cli_main("eval", run)
     assert rc == 0, err
-    assert json.loads(out) == {"test_accuracy": summary["test_accuracy"], "test_loss": pytest.approx(summary["test_loss"])}
+    assert json.loads(out) == {"test_accuracy": summary["test_accuracy"],
+                               "test_loss": pytest.approx(summary["test_loss"])}
     model, info = nnlab.load(run)
     assert info["task"] == "tabular" and info["classes"] == ["class_0", "class_1", "class_2"]
     assert info["model"]["out_features"] == 3
@@ -133,8 +134,8 @@ def test_a_csv_of_class_names_through_the_cli(tmp_path, species_csv, cli_main):
 
 @pytest.mark.parametrize("sets, needles", [
     (["train.loss=mse"], ["train.loss: mse does not fit a tabular classification task"]),
-    (["data.name=diabetes", "train.loss=cross_entropy"], ["train.loss: cross_entropy does not fit a tabular "
-                                                          "regression task"]),
+    (["data.name=diabetes", "train.loss=cross_entropy"],
+     ["train.loss: cross_entropy does not fit a tabular regression task"]),
     (["data.task=regression"], ["data.task: wine is a classification data set, not regression"]),
     (["data.task=maybe"], ["data.task: must be one of auto, classification, regression"]),
 ])
