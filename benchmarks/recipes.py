@@ -31,6 +31,7 @@ TARGETS = {
     "cnn": ("test_accuracy", 0.93, "ge"),
     "vit": ("test_accuracy", 0.88, "ge"),
     "mlp-regression": ("test_mse", None, "le"),
+    "mlp-tabular": ("test_accuracy", 0.95, "ge"),
     "gpt-shakespeare": ("val_loss", 1.90, "le"),
 }
 

@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DASH = "—"  # a cell the file has no figure for
 
-RECIPE_ORDER = ["seed-cnn", "seed-cnn-fast", "cnn", "fmnist-speedrun", "vit", "mlp-regression", "gpt-shakespeare",
-                "gpt-shakespeare-fast", "gpt-shakespeare-speedrun"]
+RECIPE_ORDER = ["seed-cnn", "seed-cnn-fast", "cnn", "fmnist-speedrun", "vit", "mlp-regression", "mlp-tabular",
+                "gpt-shakespeare", "gpt-shakespeare-fast", "gpt-shakespeare-speedrun"]
 # metric in a curve's "final" -> (words, how a value is written, scale)
 METRICS = {"test_accuracy": ("test accuracy", "{:.2f}", 100), "val_loss": ("val loss", "{:.4f}", 1),
            "test_mse": ("test MSE", "{:,.0f}", 1), "test_loss": ("test loss", "{:.4f}", 1)}

@@ -26,8 +26,8 @@ from nnlab.data import read_idx, write_idx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RECIPES = {"seed-cnn", "seed-cnn-fast", "cnn", "vit", "fmnist-speedrun", "mlp-regression", "gpt-shakespeare", "gpt-shakespeare-fast",
-           "gpt-shakespeare-speedrun"}
+RECIPES = {"seed-cnn", "seed-cnn-fast", "cnn", "vit", "fmnist-speedrun", "mlp-regression", "mlp-tabular", "gpt-shakespeare",
+           "gpt-shakespeare-fast", "gpt-shakespeare-speedrun"}
 SEED_CNN_PARAMS = 421_642
 CNN_STEPS = 25  # 320 images / batch 32 = 10 steps per epoch: the run crosses two epoch boundaries
 

@@ -67,6 +67,9 @@ CASES = {
     "vit": ("vit", "images", {**IMAGES, "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16}),  # cosine
     "fmnist-speedrun": ("fmnist-speedrun", "images", {**IMAGES, "model.width": 4}),
     "mlp-regression": ("mlp-regression", "csv", {"train.batch_size": 32}),
+    # a training subset with flipped labels: both must come back the same in the resumed process
+    "mlp-tabular": ("mlp-tabular", "wine", {"train.batch_size": 32, "data.train_fraction": 0.5,
+                                            "data.label_noise": 0.2}),
     "gpt-shakespeare": ("gpt-shakespeare", "text", TINY_GPT),  # the text task, AdamW, cosine, clipping
     "gpt-shakespeare-fast": ("gpt-shakespeare-fast", "text", {**TINY_GPT, **EAGER}),
     "gpt-shakespeare-speedrun": ("gpt-shakespeare-speedrun", "text", {**TINY_GPT, **EAGER}),
@@ -83,7 +86,7 @@ REAL_KILL = {"seed-cnn", "sgd-momentum", "seed-cnn-fast", "seed-cnn-fast-bf16"}
 def tiny(fmnist_dir, text_file, csv_file):
     """tiny(data, overrides) -> the full overrides of a tiny fp32 run that checkpoints every CKPT_EVERY steps."""
     data = {"images": {"data.dir": str(fmnist_dir)}, "text": {"data.path": str(text_file)},
-            "csv": {"data.name": "csv", "data.path": str(csv_file), "data.target": "y"}}
+            "csv": {"data.name": "csv", "data.path": str(csv_file), "data.target": "y"}, "wine": {}}
 
     def make(kind: str, over: dict) -> dict:
         return {"train.max_steps": STEPS, "train.checkpoint_every": CKPT_EVERY, "train.log_every": 1,

@@ -49,14 +49,19 @@ def documented(default, doc: str, *, choices: tuple = (), positive: bool = False
 
 @dataclass
 class DataConfig:
-    name: str = documented("fashion-mnist", "the data set",
-                           choices=("fashion-mnist", "mnist", "digits", "text", "diabetes", "csv"))
+    name: str = documented("fashion-mnist", "the data set: images (fashion-mnist, mnist, digits), text, or a table "
+                           "(diabetes: regression; iris, wine, breast-cancer: classification; csv: yours)",
+                           choices=("fashion-mnist", "mnist", "digits", "text", "diabetes", "iris", "wine",
+                                    "breast-cancer", "csv"))
     dir: str | None = documented(None, "folder of the IDX files (default: Debian's dataset-fashion-mnist "
                                  "folder); resolved like data.path")
     path: str | None = documented(None, "a UTF-8 text file (name=text) or CSV file (name=csv); relative: in a "
                                   "shipped recipe against $NNLAB_DATA_ROOT (default <repo>/../shared/data), "
                                   "elsewhere against the current directory")
     target: str | None = documented(None, "csv: the column to predict")
+    task: str = documented("auto", "tables: what the target holds; auto: class labels when its cells are not "
+                           "numbers, or integers with at most 20 distinct values (and at most half as many as "
+                           "rows), else a regression target", choices=("auto", "classification", "regression"))
     tokenizer: str = documented("char", "text: char (vocabulary from the corpus) or byte (UTF-8 bytes)",
                                 choices=("char", "byte"))
     image_size: int | None = documented(None, "resize images to this side (e.g. 28 to feed digits to seed-cnn)",
@@ -64,7 +69,14 @@ class DataConfig:
     limit: int | None = documented(None, "keep only the first N training and N test images (tiny runs)",
                                    positive=True)
     test_frac: float = documented(0.2, "digits / tabular: fraction held out for test")
-    split_seed: int = documented(0, "digits / tabular: seed of the train/test split")
+    split_seed: int = documented(0, "seed of the train/test split (digits, tables; stratified for classes), of "
+                                 "the rows train_fraction keeps and of the labels label_noise flips")
+    train_fraction: float = documented(1.0, "keep round(F * n_train) training examples, in (0, 1]: stratified by "
+                                       "class, each class within one example of its share; a larger fraction's "
+                                       "rows hold a smaller one's; drawn from split_seed; never the test split")
+    label_noise: float = documented(0.0, "classification: flip exactly round(R * n_train) training labels, in "
+                                    "[0, 1), each to another class drawn uniformly, from split_seed; after "
+                                    "train_fraction; never the test split")
 
 
 @dataclass
@@ -82,7 +94,7 @@ class TrainConfig:
                                      non_negative=True)
     beta1: float = documented(0.9, "adamw's first-moment decay")
     beta2: float = documented(0.999, "adamw's second-moment decay")
-    loss: str = documented("auto", "auto (mse for tabular data, else cross_entropy), cross_entropy, or mse (the "
+    loss: str = documented("auto", "auto (mse for a regression target, else cross_entropy), cross_entropy, or mse (the "
                            "article's 1/(2N) sum (y - y*)^2)", choices=("auto", "cross_entropy", "mse"))
     label_smoothing: float = documented(0.0, "cross-entropy only", non_negative=True)
     schedule: str = documented("constant", "after warmup: constant, or cosine / linear decay to min_lr",
@@ -345,7 +357,23 @@ def build_config(d: dict) -> Config:
         raise ConfigError(f"data.path: data.name={cfg.data.name} needs a file path")
     if cfg.data.name == "csv" and not cfg.data.target:
         raise ConfigError("data.target: data.name=csv needs the name of the target column")
+    _check_data(cfg.data)
     return cfg
+
+
+def _check_data(d: DataConfig) -> None:
+    """The data keys' ranges, and the ones that do not fit the kind of data named."""
+    if not 0 < d.train_fraction <= 1:
+        raise ConfigError(f"data.train_fraction: must be in (0, 1], got {d.train_fraction}")
+    if not 0 <= d.label_noise < 1:
+        raise ConfigError(f"data.label_noise: must be in [0, 1), got {d.label_noise}")
+    if d.name == "text":
+        for key, value, neutral in (("task", d.task, "auto"), ("train_fraction", d.train_fraction, 1.0),
+                                    ("label_noise", d.label_noise, 0.0)):
+            if value != neutral:
+                raise ConfigError(f"data.{key}: does not apply to text data (a language model's corpus), got {value}")
+    elif d.name in ("fashion-mnist", "mnist", "digits") and d.task == "regression":
+        raise ConfigError(f"data.task: {d.name} holds class labels; regression does not fit it")
 
 
 def load_config(recipe: str, config_file: str | None = None, overrides: list[str] | dict | None = None) -> Config:

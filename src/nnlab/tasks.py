@@ -1,4 +1,4 @@
-"""What differs between image classification, language modelling and regression, in one place.
+"""What differs between image classification, language modelling and tables, in one place.
 
 A task turns the data config into in-memory tensors and answers the loop's questions: which
 data-derived fields the model needs (classes, vocabulary, input size), which examples make up the
@@ -32,9 +32,10 @@ class Task:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         t = cfg.train
-        loss = t.loss if t.loss != "auto" else ("mse" if self.kind == "tabular" else "cross_entropy")
-        if (loss == "mse") != (self.kind == "tabular"):
-            raise ConfigError(f"train.loss: {loss} does not fit a {self.kind} task")
+        loss = t.loss if t.loss != "auto" else ("cross_entropy" if self.classification else "mse")
+        if (loss == "mse") == self.classification:
+            what = f" {'classification' if self.classification else 'regression'}" if self.kind == "tabular" else ""
+            raise ConfigError(f"train.loss: {loss} does not fit a {self.kind}{what} task")
         self.loss_name = loss
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
@@ -74,7 +75,8 @@ class ImageTask(Task):
 
         super().__init__(cfg)
         d = cfg.data
-        self.data = load_images(d.name, d.dir, image_size=d.image_size, limit=d.limit, seed=d.split_seed)
+        self.data = load_images(d.name, d.dir, image_size=d.image_size, limit=d.limit, seed=d.split_seed,
+                                train_fraction=d.train_fraction, label_noise=d.label_noise)
         # Normalise once, up front: batches are then just index gathers from memory.
         self.x_train = self.data.normalize(self.data.x_train)
         self.x_test = self.data.normalize(self.data.x_test)
@@ -175,26 +177,31 @@ class TextTask(Task):
 
 
 class TabularTask(Task):
+    """Regression (the article's MSE on a standardised target) or classification (cross-entropy
+    over the classes), as the table's target says (TabularData.classification)."""
+
     kind = "tabular"
-    classification = False
 
     def __init__(self, cfg: Config):
         from nnlab.data import load_tabular
 
-        super().__init__(cfg)
         d = cfg.data
-        self.data = load_tabular(d.name, path=d.path, target=d.target, test_frac=d.test_frac, seed=d.split_seed)
-        # Train on standardised features and target: plain gradient descent needs well-scaled inputs.
-        table = self.data
+        self.data = table = load_tabular(d.name, path=d.path, target=d.target, test_frac=d.test_frac,
+                                         seed=d.split_seed, task=d.task, train_fraction=d.train_fraction,
+                                         label_noise=d.label_noise)
+        self.classification = table.classification  # known once the target is read: decides the loss
+        super().__init__(cfg)
+        # Train on standardised features (and target): plain gradient descent needs well-scaled inputs.
         self.x_train = (table.x_train - table.x_mean) / table.x_std
         self.x_test = (table.x_test - table.x_mean) / table.x_std
-        self.y_train = (table.y_train - table.y_mean) / table.y_std
+        self.y_train = table.y_train if self.classification else (table.y_train - table.y_mean) / table.y_std
 
     def num_train(self) -> int:
         return len(self.x_train)
 
     def model_fields(self) -> dict:
-        return {"in_features": self.x_train.shape[1], "out_features": 1}
+        return {"in_features": self.x_train.shape[1],
+                "out_features": len(self.data.classes) if self.classification else 1}
 
     def batch(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         idx = self._rows(step, lo, hi)
@@ -202,27 +209,37 @@ class TabularTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, device) -> dict:
-        """Test mean squared error in the target's own units (comparable with scikit-learn's)."""
+        """Classes: test accuracy and mean cross-entropy. Regression: test mean squared error in the
+        target's own units (comparable with scikit-learn's)."""
         table = self.data
-        pred = model(self.x_test.to(device)).float().squeeze(-1).cpu() * table.y_std + table.y_mean
+        out = model(self.x_test.to(device)).float().cpu()
+        if self.classification:
+            return {"test_accuracy": (out.argmax(1) == table.y_test).sum().item() / len(table.y_test),
+                    "test_loss": F.cross_entropy(out, table.y_test).item()}
+        pred = out.squeeze(-1) * table.y_std + table.y_mean
         return {"test_mse": torch.mean((pred - table.y_test) ** 2).item()}
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(x_train, y_train, x_test, y_test) for models outside torch (scikit-learn's baselines): the
-        model's standardised features, and targets in their own units."""
+        model's standardised features, and class indices or targets in their own units."""
         table = self.data
         return self.x_train.numpy(), table.y_train.numpy(), self.x_test.numpy(), table.y_test.numpy()
 
     def meta(self) -> dict:
         table = self.data
-        return {"features": table.feature_names, "target": table.target, "x_mean": table.x_mean.tolist(),
-                "x_std": table.x_std.tolist(), "y_mean": float(table.y_mean), "y_std": float(table.y_std)}
+        meta = {"features": table.feature_names, "target": table.target, "x_mean": table.x_mean.tolist(),
+                "x_std": table.x_std.tolist()}
+        if self.classification:
+            return {**meta, "classes": table.classes}
+        return {**meta, "y_mean": float(table.y_mean), "y_std": float(table.y_std)}
 
 
 def make_task(cfg: Config) -> Task:
-    name = cfg.data.name
-    kind = "text" if name == "text" else "tabular" if name in ("diabetes", "csv") else "image"
+    from nnlab.data.tabular import TABULAR_DATASETS
     from nnlab.models import get_spec
+
+    name = cfg.data.name
+    kind = "text" if name == "text" else "tabular" if name in TABULAR_DATASETS else "image"
 
     spec = get_spec(cfg.model.name)
     if spec.task != kind and not (spec.name == "mlp" and kind == "image"):

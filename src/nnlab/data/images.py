@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from nnlab.data.idx import read_idx
+from nnlab.data.sampling import check_fractions, flip_labels, train_subset
 from nnlab.errors import DataError
 
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -132,14 +133,17 @@ def pixel_stats(x: torch.Tensor) -> tuple[float, float]:
 
 
 def load_images(name: str, dir: str | None = None, image_size: int | None = None,
-                limit: int | None = None, seed: int = 0) -> ImageData:
+                limit: int | None = None, seed: int = 0, train_fraction: float = 1.0,
+                label_noise: float = 0.0) -> ImageData:
     """Load an image data set by name: "fashion-mnist", "mnist" or "digits".
 
     fashion-mnist/mnist read the four standard IDX files (each raw or .gz) from `dir`
     (fashion-mnist defaults to DEFAULT_FASHION_DIR; mnist needs `dir`). digits is bundled with
     scikit-learn and split 80/20 deterministically with `seed` (the IDX sets have a fixed split).
     `image_size` resizes to image_size x image_size (bilinear); `limit` keeps the first `limit`
-    training and the first `limit` test images. mean/std describe the returned training pixels.
+    training and the first `limit` test images. Then `train_fraction` keeps a stratified subset of
+    the training images and `label_noise` flips that fraction of their labels (nnlab.data.sampling;
+    both drawn from `seed`). mean/std describe the returned training pixels.
     """
     if name not in IMAGE_DATASETS:
         raise DataError(f"data: unknown image data set {name!r} (choose from {', '.join(IMAGE_DATASETS)})")
@@ -147,6 +151,7 @@ def load_images(name: str, dir: str | None = None, image_size: int | None = None
         raise DataError(f"data: limit must be a positive number of images, got {limit}")
     if image_size is not None and image_size < 1:
         raise DataError(f"data: image_size must be positive, got {image_size}")
+    check_fractions(train_fraction, label_noise)
     if name == "digits":
         x_tr, y_tr, x_te, y_te, classes = _load_digits(seed)
     else:
@@ -154,6 +159,11 @@ def load_images(name: str, dir: str | None = None, image_size: int | None = None
     if limit is not None:
         # clone(): a slice would keep the full 60,000-image arrays alive.
         x_tr, y_tr, x_te, y_te = (t[:limit].clone() for t in (x_tr, y_tr, x_te, y_te))
+    if train_fraction < 1:
+        keep = torch.from_numpy(train_subset(len(y_tr), train_fraction, seed, y=y_tr.numpy()))
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+    if label_noise:
+        y_tr = torch.from_numpy(flip_labels(y_tr.numpy(), label_noise, len(classes), seed))
     if image_size is not None:
         x_tr, x_te = resize_images(x_tr, image_size), resize_images(x_te, image_size)
     mean, std = pixel_stats(x_tr)

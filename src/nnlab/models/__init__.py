@@ -30,7 +30,7 @@ class ModelSpec:
     name: str
     config_cls: type
     model_cls: type
-    task: str  # "image" (classifier of images), "text" (language model) or "tabular" (regression)
+    task: str  # "image" (classifier of images), "text" (language model) or "tabular" (a table: regression or classes)
     presets: dict[str, dict]
 
 
