@@ -52,6 +52,20 @@ def cmd_baselines(a) -> None:
     console.print(f"wrote {path}")
 
 
+def cmd_learning_curve(a) -> None:
+    from nnlab.analysis.learning_curve import learning_curve
+
+    kw = {k: getattr(a, k) for k in ("fractions", "seeds", "baselines", "out", "min_steps") if getattr(a, k) is not None}
+    learning_curve(a.recipe, overrides=a.set, **kw)
+
+
+def cmd_explain(a) -> None:
+    from nnlab.analysis.explain import explain, format_result
+
+    kw = {k: getattr(a, k) for k in ("method", "samples") if getattr(a, k) is not None}
+    print(format_result(explain(a.run_dir, **kw)))
+
+
 def cmd_report(a) -> None:
     from nnlab.report import build_report
 
@@ -85,15 +99,9 @@ def cmd_keys(a) -> None:
             print(f"  {key:<{width[0]}}  {type_name:<{width[1]}}  {default:<{width[2]}}  {doc}")
 
 
-def cmd_explain(a) -> None:
-    from nnlab.analysis.explain import explain, format_result
-
-    kw = {k: getattr(a, k) for k in ("method", "samples") if getattr(a, k) is not None}
-    print(format_result(explain(a.run_dir, **kw)))
-
-
 VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "baselines": cmd_baselines,
-         "explain": cmd_explain, "report": cmd_report, "recipes": cmd_recipes, "keys": cmd_keys, "info": cmd_info}
+         "learning-curve": cmd_learning_curve, "explain": cmd_explain, "report": cmd_report, "recipes": cmd_recipes,
+         "keys": cmd_keys, "info": cmd_info}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -124,17 +132,27 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--models", metavar="A,B,...", help="the baselines to fit (default: all that fit the task)")
     b.add_argument("--max-fit-rows", type=int, metavar="N", help="fit every model on at most N training rows "
                    "(default: each model's own limit)")
+    c = sub.add_parser("learning-curve", help="test accuracy against training-set size: a recipe beside baselines")
+    c.add_argument("recipe", help="a classification recipe (see `nnlab recipes`)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of every run")
+    c.add_argument("--fractions", metavar="F,F,...", help="fractions of the training set (default 0.01,0.03,0.1,0.3,1)")
+    c.add_argument("--seeds", type=int, help="runs per fraction, seeds 0..N-1 (default 3)")
+    c.add_argument("--baselines", metavar="A,B,...", help="scikit-learn baselines to fit beside it "
+                   "(default random-forest,logistic-regression)")
+    c.add_argument("--min-steps", type=int, help="train every deep run for at least this many steps (default 200)")
+    c.add_argument("--out", metavar="DIR", help="where the curve goes: a new folder, or the recipe's run folder "
+                   "(default runs/RECIPE-learning-curve-TIME)")
+    x = sub.add_parser("explain", help="attributions or attention maps for a trained model's predictions")
+    x.add_argument("run_dir")
+    x.add_argument("--method", help="saliency, integrated-gradients, grad-cam (CNNs), attention or rollout "
+                   "(Transformers); default integrated-gradients, or attention for Transformers")
+    x.add_argument("--samples", type=int, help="explain the first N test samples (default 8)")
     r = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page about a finished run")
     r.add_argument("run_dir", help="a finished run folder; only its report.html is written")
     sub.add_parser("recipes", help="list the shipped recipes")
     k = sub.add_parser("keys", help="list every config key with its type, default and doc")
     k.add_argument("--model", help="only this model's keys (default: every model's)")
     sub.add_parser("info", help="what decides speed here: CPU flags, precision=auto, torch, nnlab's kernels, CUDA")
-    x = sub.add_parser("explain", help="attributions or attention maps for a trained model's predictions")
-    x.add_argument("run_dir")
-    x.add_argument("--method", help="saliency, integrated-gradients, grad-cam (CNNs), attention or rollout "
-                   "(Transformers); default integrated-gradients, or attention for Transformers")
-    x.add_argument("--samples", type=int, help="explain the first N test samples (default 8)")
     return p
 
 
