@@ -72,6 +72,15 @@ def cmd_report(a) -> None:
     print(build_report(a.run_dir))
 
 
+def cmd_serve(a) -> None:
+    from nnlab.serve import serve
+
+    kw = {k: getattr(a, k) for k in ("host", "port", "token", "max_batch") if getattr(a, k) is not None}
+    if a.max_new_tokens is not None:
+        kw["max_new_tokens_cap"] = a.max_new_tokens
+    serve(a.run_dir, **kw)
+
+
 def cmd_recipes(a) -> None:
     from nnlab.config import recipe_dict, recipe_names
 
@@ -100,8 +109,8 @@ def cmd_keys(a) -> None:
 
 
 VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "baselines": cmd_baselines,
-         "learning-curve": cmd_learning_curve, "explain": cmd_explain, "report": cmd_report, "recipes": cmd_recipes,
-         "keys": cmd_keys, "info": cmd_info}
+         "learning-curve": cmd_learning_curve, "explain": cmd_explain, "report": cmd_report, "serve": cmd_serve,
+         "recipes": cmd_recipes, "keys": cmd_keys, "info": cmd_info}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -149,6 +158,16 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--samples", type=int, help="explain the first N test samples (default 8)")
     r = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page about a finished run")
     r.add_argument("run_dir", help="a finished run folder; only its report.html is written")
+    v = sub.add_parser("serve", help="serve a trained model over HTTP: classify, generate, model card, a page")
+    v.add_argument("run_dir")
+    v.add_argument("--host", help="the address to bind (default 127.0.0.1; any other needs a token)")
+    v.add_argument("--port", type=int, help="the TCP port (default 8000)")
+    v.add_argument("--token", help="an API token every request but /healthz must send as "
+                   "'Authorization: Bearer TOKEN' (default $NNLAB_SERVE_TOKEN)")
+    v.add_argument("--max-new-tokens", type=int, help="the most tokens one /v1/generate request may ask for "
+                   "(default 1000)")
+    v.add_argument("--max-batch", type=int, help="classify requests batched into one forward pass, at most "
+                   "(default 32; 1 = one at a time)")
     sub.add_parser("recipes", help="list the shipped recipes")
     k = sub.add_parser("keys", help="list every config key with its type, default and doc")
     k.add_argument("--model", help="only this model's keys (default: every model's)")

@@ -20,6 +20,8 @@ step recomputes the cropped context exactly as use_cache=False does.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -52,6 +54,31 @@ def generate(
     dropout) under torch.inference_mode; the model's previous train/eval mode is restored.
     The same `generator` seed gives the same tokens (on the same device and torch version).
     """
+    tokens = generate_stream(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
+    was_training = model.training
+    model.eval()  # dropout off: generation is inference
+    try:
+        return torch.cat([idx, *tokens], dim=1)
+    finally:
+        model.train(was_training)
+
+
+def generate_stream(
+    model: nn.Module,
+    idx: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[Tensor]:
+    """generate()'s tokens one step at a time: an iterator of max_new_tokens (B, 1) tensors.
+
+    The arguments are checked now, not at the first step. The caller puts the model in eval mode.
+    Each step runs under its own torch.inference_mode, so a paused stream leaves the caller's
+    autograd state alone, and the steps may run on different threads (a server's thread pool);
+    closing the iterator early frees the cache.
+    """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not temperature >= 0:  # also rejects NaN
@@ -62,36 +89,33 @@ def generate(
         raise ValueError(f"idx must be a non-empty LongTensor of shape (B, T), got {idx.dtype} {tuple(idx.shape)}")
     if use_cache and not hasattr(model, "forward_with_cache"):
         raise ValueError(f"{type(model).__name__} has no forward_with_cache; call generate with use_cache=False")
-    block_size = model.cfg.block_size
+    return _steps(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
 
+
+def _steps(model, idx, max_new_tokens, temperature, top_k, generator, use_cache) -> Iterator[Tensor]:
+    block_size = model.cfg.block_size
     # The model's one-token fast path, unless it was asked for the article's explicit formulas.
     fast = use_cache and hasattr(model, "decode_step") and not any(getattr(m, "explicit", False) for m in model.modules())
-
-    was_training = model.training
-    model.eval()  # dropout off: generation is inference
-    try:
+    past = cache = None  # K, V of every token of idx but the last, once prefilled
+    for _ in range(max_new_tokens):
         with torch.inference_mode():
-            past = cache = None  # K, V of every token of idx but the last, once prefilled
-            for _ in range(max_new_tokens):
-                T = idx.shape[1]
-                if cache is not None and T <= block_size:
-                    logits = model.decode_step(idx[:, -1], cache)  # (B, vocab)
-                elif use_cache and T <= block_size:
-                    # Prefill with the whole prompt once, then feed only the newest token.
-                    new = idx if past is None else idx[:, -1:]  # (B, T) or (B, 1)
-                    logits, past = model.forward_with_cache(new, past)
-                    logits = logits[:, -1, :]
-                    if fast:  # from here on, one token at a time into a preallocated cache
-                        cache = model.decode_cache_from(past, min(block_size, T + max_new_tokens))
-                else:
-                    # No cache, or the context outgrew block_size (see the module docstring).
-                    past = cache = None
-                    logits = model(idx[:, -block_size:])[:, -1, :]  # (B, vocab)
-                nxt = _next_token(logits, temperature, top_k, generator)  # (B, 1)
-                idx = torch.cat([idx, nxt], dim=1)  # (B, T + 1)
-    finally:
-        model.train(was_training)
-    return idx
+            T = idx.shape[1]
+            if cache is not None and T <= block_size:
+                logits = model.decode_step(idx[:, -1], cache)  # (B, vocab)
+            elif use_cache and T <= block_size:
+                # Prefill with the whole prompt once, then feed only the newest token.
+                new = idx if past is None else idx[:, -1:]  # (B, T) or (B, 1)
+                logits, past = model.forward_with_cache(new, past)
+                logits = logits[:, -1, :]
+                if fast:  # from here on, one token at a time into a preallocated cache
+                    cache = model.decode_cache_from(past, min(block_size, T + max_new_tokens))
+            else:
+                # No cache, or the context outgrew block_size (see the module docstring).
+                past = cache = None
+                logits = model(idx[:, -block_size:])[:, -1, :]  # (B, vocab)
+            nxt = _next_token(logits, temperature, top_k, generator)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)  # (B, T + 1)
+        yield nxt
 
 
 def generate_text(run_dir, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,

@@ -1,0 +1,389 @@
+"""`nnlab serve`: the HTTP API of a tiny seed-cnn and a tiny gpt, checked against the library (the
+model's own probabilities, Captum's saliency, generate_text), every kind of bad request (a 4xx JSON
+error, and the server answers afterwards), the API token, and streaming against a live uvicorn
+server on 127.0.0.1 (TestClient cannot deliver a client that leaves mid-stream).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import socket
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import nnlab
+from conftest import cli_cmd, cli_env, make_images, one_line_error
+from nnlab.generate import generate_text
+from nnlab.serve import create_app
+from nnlab.serve.app import is_loopback
+from nnlab.serve.batching import Batcher
+
+SMALL_BODY = 64 * 1024  # the test apps' body limit: big enough for a 28x28 image, small enough to exceed
+
+
+@pytest.fixture(scope="module")
+def threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory, fmnist_dir, threads) -> Path:
+    return nnlab.train("seed-cnn", [f"data.dir={fmnist_dir}", "train.max_steps=20", "train.batch_size=32",
+                                    "train.lr=0.02", "train.momentum=0.9", "train.precision=fp32"],
+                       out=str(tmp_path_factory.mktemp("cnn") / "run"))
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory, text_file, threads) -> Path:
+    return nnlab.train("gpt-shakespeare", [f"data.path={text_file}", "model.preset=tiny", "train.max_steps=20",
+                                           "train.eval_iters=1", "train.warmup_steps=0", "train.lr=0.01"],
+                       out=str(tmp_path_factory.mktemp("gpt") / "run"))
+
+
+@pytest.fixture(scope="module")
+def cnn_client(cnn_run):
+    with TestClient(create_app(cnn_run, max_body_bytes=SMALL_BODY)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def gpt_client(gpt_run):
+    with TestClient(create_app(gpt_run, max_body_bytes=SMALL_BODY, max_new_tokens_cap=50)) as client:
+        yield client
+
+
+def sample_images() -> list:
+    x, y = make_images(4, seed=1)
+    return list(zip(x, y))
+
+
+def png(pixels, mode="L", size=None) -> bytes:
+    image = Image.fromarray(pixels).convert(mode)
+    if size:
+        image = image.resize(size, Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def model_probabilities(run, pixels) -> torch.Tensor:
+    model, info = nnlab.load(run)
+    x = (torch.from_numpy(pixels).float()[None, None] / 255 - info["normalize"]["mean"]) / info["normalize"]["std"]
+    with torch.no_grad():
+        return torch.softmax(model(x), dim=-1)[0]
+
+
+# ---- classify -----------------------------------------------------------------------------------
+
+
+def test_classify_pixels_and_png_give_the_models_probabilities(cnn_run, cnn_client):
+    for pixels, label in sample_images():
+        expected = model_probabilities(cnn_run, pixels)
+        by_json = cnn_client.post("/v1/classify?top_k=10", json={"pixels": pixels.tolist()}).json()["classes"]
+        by_png = cnn_client.post("/v1/classify?top_k=10", files={"file": ("x.png", png(pixels), "image/png")}).json()
+        assert by_png["classes"] == by_json  # a lossless PNG of the same pixels is the same input
+        probs = [c["probability"] for c in by_json]
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-5)
+        assert {c["name"] for c in by_json} == set(nnlab.load(cnn_run)[1]["classes"])
+        for c in by_json:
+            assert c["probability"] == pytest.approx(float(expected[c["index"]]), abs=1e-6)
+        assert by_json[0]["index"] == label  # the fixture's classes are easy: 20 steps learn them
+    top3 = cnn_client.post("/v1/classify?top_k=3", json={"pixels": pixels.tolist()}).json()["classes"]
+    assert top3 == by_json[:3]
+
+
+def test_classify_converts_any_png_or_jpeg_to_the_model_input(cnn_client):
+    pixels, label = sample_images()[0]
+    # RGB at 4x the size (nearest-neighbour): grey again after "L" and an antialiased shrink.
+    big_rgb = cnn_client.post("/v1/classify", files={"file": ("x.png", png(pixels, "RGB", (112, 112)), "image/png")})
+    assert big_rgb.status_code == 200 and big_rgb.json()["classes"][0]["index"] == label
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+    jpeg = cnn_client.post("/v1/classify", files={"file": ("x.jpg", buf.getvalue(), "image/jpeg")})
+    assert jpeg.status_code == 200 and jpeg.json()["classes"][0]["index"] == label
+
+
+def test_saliency_is_the_gradient_of_the_top_logit(cnn_run, cnn_client):
+    from captum.attr import Saliency
+
+    pixels, _ = sample_images()[1]
+    answer = cnn_client.post("/v1/classify?saliency=true", json={"pixels": pixels.tolist()}).json()
+    model, info = nnlab.load(cnn_run)
+    x = (torch.from_numpy(pixels).float()[None, None] / 255 - info["normalize"]["mean"]) / info["normalize"]["std"]
+    top = answer["classes"][0]["index"]
+    expected = Saliency(model).attribute(x.requires_grad_(), target=top, abs=True)[0].amax(0)  # (28, 28)
+    got = torch.tensor(answer["saliency"])
+    assert got.shape == (28, 28) and got.max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    as_png = cnn_client.post("/v1/classify?saliency=true&saliency_format=png", json={"pixels": pixels.tolist()})
+    image = Image.open(io.BytesIO(base64.b64decode(as_png.json()["saliency"])))
+    grey = torch.from_numpy(np.array(image))
+    assert grey.shape == (28, 28) and grey.max() == 255  # scaled to its maximum
+    assert int(grey.flatten().argmax()) == int(expected.flatten().argmax())
+
+
+def test_batcher_gives_each_request_its_own_row(cnn_run):
+    from nnlab.serve.model import ServedModel
+
+    served = ServedModel(cnn_run)
+    images = [torch.from_numpy(p)[None] for p, _ in sample_images()] * 4  # 16 requests
+    batcher = Batcher(served.probabilities, max_batch=8, wait_ms=200)
+    try:
+        futures = [batcher.submit(x) for x in images]
+        rows = [f.result(timeout=30) for f in futures]
+    finally:
+        batcher.close()
+    assert batcher.items == 16 and batcher.batches == 2  # all queued within the wait: two full batches
+    for x, row in zip(images, rows):
+        torch.testing.assert_close(row, served.probabilities(x[None])[0], rtol=1e-5, atol=1e-6)
+
+
+# ---- generate and the model card ----------------------------------------------------------------
+
+
+def test_generate_matches_nnlab_generate(gpt_run, gpt_client):
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "top_k": 5, "seed": 7}):
+        r = gpt_client.post("/v1/generate", json={"prompt": "First", "max_new_tokens": 30, **kw})
+        assert r.status_code == 200, r.text
+        expected = generate_text(gpt_run, "First", 30, **kw)
+        assert r.json()["text"] == expected and r.json()["completion"] == expected[len("First"):]
+    streamed = gpt_client.post("/v1/generate", json={"prompt": "First", "max_new_tokens": 30, "seed": 3, "stream": True})
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = parse_events(streamed.text)
+    assert len(events) == 31 and events[-1][0] == "done"
+    assert "First" + "".join(e[1]["text"] for e in events[:-1]) == events[-1][1]["text"] == generate_text(
+        gpt_run, "First", 30, seed=3)
+
+
+def parse_events(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return events
+
+
+def test_model_card_and_openapi(cnn_client, gpt_client):
+    card = cnn_client.get("/v1/model").json()
+    assert card["architecture"]["name"] == "seed-cnn" and card["parameters"] == 421_642
+    assert card["task"] == "image" and len(card["classes"]) == 10 and card["input"]["size"] == 28
+    assert 0 <= card["test_metrics"]["test_accuracy"] <= 1 and card["training"]["precision"] == "fp32"
+    assert card["training"]["processor"] and card["data"]["name"] == "fashion-mnist"
+    lm = gpt_client.get("/v1/model").json()
+    assert lm["architecture"]["name"] == "gpt" and "val_loss" in lm["test_metrics"]
+    assert lm["server_limits"]["max_new_tokens_cap"] == 50 and lm["tokenizer"]["kind"] == "char"
+    paths = cnn_client.get("/openapi.json").json()["paths"]
+    assert {"/v1/classify", "/v1/generate", "/v1/model", "/healthz"} <= set(paths)
+    assert "multipart/form-data" in paths["/v1/classify"]["post"]["requestBody"]["content"]
+
+
+# ---- bad requests ---------------------------------------------------------------------------------
+
+
+def chunks(data: bytes, size: int = 8192):
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+JSON = {"content-type": "application/json"}
+pixels28 = [[0] * 28] * 28
+CLASSIFY_CASES = {
+    "wrong content type": (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "content type"),
+    "no content type": (dict(content=b"hello"), 415, "content type"),
+    "not an image": (dict(files={"file": ("x.png", b"not an image", "image/png")}), 400, "PNG or JPEG"),
+    "truncated png": (dict(files={"file": ("x.png", png(make_images(1, 0)[0][0])[:60], "image/png")}), 400, "file"),
+    "gif": (dict(files={"file": ("x.gif", b"GIF89a" + b"\0" * 40, "image/gif")}), 400, "PNG or JPEG"),
+    "no file field": (dict(files={"image": ("x.png", b"x", "image/png")}), 400, "'file'"),
+    "over the limit, declared": (dict(content=b"[" * (SMALL_BODY + 1), headers=JSON), 413, "limit"),
+    "over the limit, chunked": (dict(content=chunks(b" " * (4 * SMALL_BODY)), headers=JSON), 413, "limit"),
+    "malformed json": (dict(content=b'{"pixels": [[1, 2]', headers=JSON), 400, "not valid JSON"),
+    "no pixels": (dict(json={"pix": pixels28}), 400, "pixels"),
+    "ragged rows": (dict(json={"pixels": [[1, 2], [3]]}), 400, "same length"),
+    "pixel out of range": (dict(json={"pixels": [[0, 256]]}), 400, "0 to 255"),
+    "pixel not a number": (dict(json={"pixels": [["a"]]}), 400, "0 to 255"),
+    "pixels not rows": (dict(json={"pixels": 5}), 400, "rows"),
+}
+
+
+@pytest.mark.parametrize("case", CLASSIFY_CASES)
+def test_bad_classify_request_is_a_4xx_json_error(cnn_client, case):
+    kwargs, status, needle = CLASSIFY_CASES[case]
+    r = cnn_client.post("/v1/classify", **kwargs)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"]
+    assert cnn_client.get("/healthz").json()["status"] == "ok"
+    assert cnn_client.post("/v1/classify", json={"pixels": pixels28}).status_code == 200
+
+
+GENERATE_CASES = {
+    "over the cap": ({"prompt": "First", "max_new_tokens": 51}, 400, "0..50"),
+    "negative": ({"prompt": "First", "max_new_tokens": -1}, 400, "0..50"),
+    "outside the vocabulary": ({"prompt": "First \u00e9\u00e8"}, 400, "U+00E9"),
+    "empty prompt": ({"prompt": ""}, 400, "empty"),
+    "negative temperature": ({"prompt": "First", "temperature": -1}, 422, "temperature"),
+    "top_k 0": ({"prompt": "First", "top_k": 0}, 422, "top_k"),
+    "seed too big": ({"prompt": "First", "seed": 2**64}, 422, "seed"),
+    "unknown field": ({"prompt": "First", "max_tokens": 5}, 422, "max_tokens"),
+    "no prompt": ({"max_new_tokens": 5}, 422, "prompt"),
+    "not an object": ([1, 2], 422, "body"),
+}
+
+
+@pytest.mark.parametrize("case", GENERATE_CASES)
+def test_bad_generate_request_is_a_4xx_json_error(gpt_client, case):
+    body, status, needle = GENERATE_CASES[case]
+    r = gpt_client.post("/v1/generate", json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"]
+    assert gpt_client.get("/healthz").json()["status"] == "ok"
+
+
+def test_malformed_or_non_json_generate_body(gpt_client):
+    r = gpt_client.post("/v1/generate", content=b'{"prompt": "Fi', headers=JSON)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
+    r = gpt_client.post("/v1/generate", content=b'{"prompt": "First"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["detail"]
+    r = gpt_client.post("/v1/generate", content=b'{"prompt": "' + b"a" * SMALL_BODY + b'"}', headers=JSON)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert gpt_client.post("/v1/generate", json={"prompt": "First", "max_new_tokens": 3}).status_code == 200
+
+
+def test_each_endpoint_refuses_the_other_kind_of_model(cnn_client, gpt_client):
+    r = gpt_client.post("/v1/classify", json={"pixels": pixels28})
+    assert r.status_code == 400 and "needs an image classifier" in r.json()["detail"]
+    r = cnn_client.post("/v1/generate", json={"prompt": "First"})
+    assert r.status_code == 400 and "needs a language model" in r.json()["detail"]
+    assert gpt_client.get("/healthz").status_code == cnn_client.get("/healthz").status_code == 200
+
+
+# ---- the API token and the bind address --------------------------------------------------------
+
+
+def test_token_is_required_on_every_path_but_healthz(cnn_run):
+    with TestClient(create_app(cnn_run, token="s3cret")) as client:
+        for path in ("/v1/model", "/openapi.json"):
+            assert client.get(path).status_code == 401
+            assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        r = client.post("/v1/classify", json={"pixels": pixels28})
+        assert r.status_code == 401 and "missing API token" in r.json()["detail"]
+        assert r.headers["www-authenticate"] == "Bearer"
+        ok = client.post("/v1/classify", json={"pixels": pixels28}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert client.get("/healthz").status_code == 200
+
+
+def test_serving_beyond_loopback_needs_a_token(cnn_run, cli_main, monkeypatch):
+    monkeypatch.delenv("NNLAB_SERVE_TOKEN", raising=False)
+    rc, out, err = cli_main("serve", cnn_run, "--host", "0.0.0.0")
+    one_line_error(rc, err, "--host 0.0.0.0", "token", "NNLAB_SERVE_TOKEN")
+    rc, out, err = cli_main("serve", cnn_run, "--port", "70000")
+    one_line_error(rc, err, "--port", "70000")
+    rc, out, err = cli_main("serve", cnn_run.parent / "missing")
+    one_line_error(rc, err, "missing")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.org")
+
+
+# ---- a live server ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def live_server(app):
+    """uvicorn serving `app` in a thread on 127.0.0.1 and a free port: yields the port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def get_json(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    return json.loads(conn.getresponse().read())
+
+
+def open_stream(port: int, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/v1/generate", json.dumps({**body, "stream": True}), {"content-type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    return conn, response
+
+
+def test_stream_live_and_a_client_that_leaves_stops_the_generation(gpt_run):
+    app = create_app(gpt_run, max_new_tokens_cap=1_000_000)
+    with live_server(app) as port:
+        conn, response = open_stream(port, {"prompt": "First", "max_new_tokens": 40, "temperature": 0})
+        events = parse_events(response.read().decode())
+        conn.close()
+        assert events[-1] == ("done", {"text": generate_text(gpt_run, "First", 40, temperature=0)})
+        assert len(events) == 41
+
+        # A million tokens would take minutes: the server must stop soon after the client goes.
+        conn, response = open_stream(port, {"prompt": "First", "max_new_tokens": 1_000_000})
+        first = [response.readline() for _ in range(6)]  # three events: data line, blank line
+        assert all(line.startswith(b"data: ") for line in first[::2])
+        assert get_json(port, "/healthz")["streams_open"] == 1
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        deadline = time.monotonic() + 10
+        while get_json(port, "/healthz")["streams_open"] != 0:
+            assert time.monotonic() < deadline, "the stream kept running after its client left"
+            time.sleep(0.05)
+        assert app.state.model.tokens_generated < 1_000_000
+        before = app.state.model.tokens_generated
+        time.sleep(0.3)
+        assert app.state.model.tokens_generated == before  # no generation runs on in the background
+        assert get_json(port, "/healthz")["status"] == "ok"
+
+
+def test_nnlab_serve_command_answers_on_its_port(cnn_run, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(cli_cmd("serve", cnn_run, "--port", port), cwd=tmp_path, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = get_json(port, "/healthz")
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "nnlab serve did not answer"
+                time.sleep(0.1)
+        assert health["status"] == "ok"
+        assert get_json(port, "/v1/model")["architecture"]["name"] == "seed-cnn"
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert f"127.0.0.1:{port}" in out and "Traceback" not in err
