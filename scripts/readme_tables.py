@@ -160,6 +160,15 @@ def b6(doc: dict) -> str | None:
             + ("within budget" if b["within_budget"] else "OVER budget"))
 
 
+def b8(doc: dict) -> str | None:
+    b = doc["benchmarks"].get("B8")  # absent from results files written before B8 existed
+    if not b or "error" in b:
+        return None
+    batched, single = b["results"]["batched"], b["results"]["one at a time"]
+    return (f"{b['batching_speedup']:.2f}x ({batched['median']['requests_per_s']:,.0f} vs "
+            f"{single['median']['requests_per_s']:,.0f} requests/s); 1 client p50 {batched['alone_p50_ms']:.1f} ms")
+
+
 BENCH_ROWS = [
     ("B1 seed-cnn training speed over the article's plain loop: recipe as shipped; + channels_last + "
      "precision=auto", b1),
@@ -174,6 +183,8 @@ BENCH_ROWS = [
     ("B5 the same for gpt-shakespeare's model", b5("gpt baby")),
     ("B6 traditional ML on full Fashion-MNIST (not a ratio): the best baseline's test accuracy; seconds to fit "
      "all six, against a budget of ten minutes", b6),
+    ("B8 `nnlab serve` seed-cnn classify, 32 clients: batched requests/s over one at a time; one client's p50 "
+     "latency", b8),
 ]
 
 

@@ -387,3 +387,91 @@ def test_nnlab_serve_command_answers_on_its_port(cnn_run, tmp_path):
         proc.terminate()
         out, err = proc.communicate(timeout=30)
     assert f"127.0.0.1:{port}" in out and "Traceback" not in err
+
+
+# ---- the page in a browser ---------------------------------------------------------------------------
+
+
+def open_page(browser, port: int, found: dict):
+    """A page of the server at `port`; any request elsewhere is aborted and recorded in found."""
+    origin = f"http://127.0.0.1:{port}/"
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(origin) else (
+        found["elsewhere"].append(route.request.url), route.abort()))
+    page.on("console", lambda m: m.type == "error" and found["console_errors"].append(m.text))
+    page.on("pageerror", lambda e: found["console_errors"].append(str(e)))
+    page.goto(origin, wait_until="load")
+    return page
+
+
+def test_the_page_in_headless_chromium(cnn_run, gpt_run, tmp_path):
+    """Draw and upload on a classifier's page, stream text on a language model's page; screenshots
+    are saved (and copied into $NNLAB_SERVE_SCREENSHOTS when set)."""
+    import os
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from test_report import browser_or_skip
+
+    browser_or_skip()
+    found = {"elsewhere": [], "console_errors": []}
+    sent = []
+    with live_server(create_app(cnn_run)) as cnn_port, live_server(create_app(gpt_run)) as gpt_port, \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        try:
+            page = open_page(browser, cnn_port, found)
+            page.on("request", lambda r: r.url.endswith("saliency=true") and r.post_data and sent.append(r.post_data))
+            page.wait_for_selector("#classifier:not([hidden])")
+            box = page.locator("#draw").bounding_box()
+            page.mouse.move(box["x"] + 90, box["y"] + 60)
+            page.mouse.down()
+            for x, y in ((95, 220), (190, 220), (185, 60)):  # a U shape
+                page.mouse.move(box["x"] + x, box["y"] + y, steps=8)
+            page.mouse.up()
+            page.click("#classify")
+            page.wait_for_function("document.body.dataset.state === 'classified'")
+            bars = page.eval_on_selector_all("#bars .bar", "bs => bs.map(b => [b.dataset.name, +b.dataset.probability])")
+            # The page shows what the API answers for the pixels it sent.
+            pixels = json.loads(sent[-1])["pixels"]
+            assert len(pixels) == 28 and max(map(max, pixels)) == 255 and min(map(min, pixels)) == 0
+            with TestClient(create_app(cnn_run)) as client:
+                api = client.post("/v1/classify?top_k=10", json={"pixels": pixels}).json()["classes"]
+            assert [name for name, _ in bars] == [c["name"] for c in api]
+            assert [p for _, p in bars] == pytest.approx([c["probability"] for c in api], abs=1e-6)
+            red = page.evaluate("""() => { const d = document.getElementById('saliency').getContext('2d')
+                .getImageData(0, 0, 280, 280).data; let n = 0;
+                for (let i = 0; i < d.length; i += 4) if (d[i] > d[i + 1] + 60) n++; return n; }""")
+            assert red > 100  # the saliency overlay is drawn
+            page.screenshot(path=tmp_path / "page-draw.png")
+
+            pixels, label = sample_images()[2]
+            (tmp_path / "upload.png").write_bytes(png(pixels, "RGB", (56, 56)))
+            page.evaluate("document.body.dataset.state = ''")
+            page.set_input_files("#file", tmp_path / "upload.png")
+            page.wait_for_function("document.body.dataset.state === 'classified'")
+            top = page.eval_on_selector("#bars .bar", "b => b.dataset.name")
+            assert top == nnlab.load(cnn_run)[1]["classes"][label]
+            page.screenshot(path=tmp_path / "page-upload.png")
+
+            page = open_page(browser, gpt_port, found)
+            page.wait_for_selector("#generator:not([hidden])")
+            page.fill("#prompt", "First")
+            page.fill("#tokens", "40")
+            page.fill("#temperature", "0")
+            page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
+                .observe(document.getElementById('output'), {childList: true, characterData: true, subtree: true}); }""")
+            page.click("#generate")
+            page.wait_for_function("document.body.dataset.state === 'generated'")
+            assert page.text_content("#output") == generate_text(gpt_run, "First", 40, temperature=0)
+            assert page.evaluate("window.updates") > 20  # the text arrived token by token
+            page.screenshot(path=tmp_path / "page-generate.png")
+        finally:
+            browser.close()
+    assert found == {"elsewhere": [], "console_errors": []}
+    for shot in ("page-draw.png", "page-upload.png", "page-generate.png"):
+        assert (tmp_path / shot).read_bytes().startswith(b"\x89PNG")
+        if os.environ.get("NNLAB_SERVE_SCREENSHOTS"):
+            shutil.copy(tmp_path / shot, os.environ["NNLAB_SERVE_SCREENSHOTS"])
+    print(f"page screenshots: {tmp_path}")
