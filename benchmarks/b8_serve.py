@@ -7,7 +7,7 @@ with one keep-alive HTTP connection, send REQUESTS POST /v1/classify requests in
 28x28 JSON pixel body), each waiting for its answer before sending the next; the run stops by
 itself when they are done. Per request: wall time from sending to the whole answer. Reported:
 p50 and p99 latency, requests/s (requests over the wall time of the whole run), errors (any answer
-but 200), for --max-batch 32 (requests gathered for up to 2 ms into one forward pass) and
+but 200), for --max-batch 32 (the requests waiting when the model is free share one forward pass) and
 --max-batch 1 (each request its own forward pass, in the server's thread pool); and the p50
 latency of one client alone. The client shares the CPU with the server, so requests/s is a
 figure for this client and machine, not the server's ceiling.

@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
@@ -61,10 +62,11 @@ CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
 
 
 def create_app(run_dir: str | Path, token: str | None = None, max_new_tokens_cap: int = 1000,
-               max_body_bytes: int = 8 * 2**20, max_batch: int = 32, batch_wait_ms: float = 2.0) -> FastAPI:
+               max_body_bytes: int = 8 * 2**20, max_batch: int = 32, batch_wait_ms: float = 0.0) -> FastAPI:
     """The API for the model in `run_dir`. With a token, every request but /healthz must send
     `Authorization: Bearer TOKEN`. max_batch > 1 batches concurrent classify requests (up to
-    max_batch images, gathered for up to batch_wait_ms); 1 runs each request on its own."""
+    max_batch images: those already waiting, plus any that arrive within batch_wait_ms; see
+    batching.py); 1 runs each request on its own."""
     if max_new_tokens_cap < 0 or max_body_bytes < 1 or max_batch < 1 or batch_wait_ms < 0:
         raise NnlabError("serve: max_new_tokens_cap >= 0, max_body_bytes >= 1, max_batch >= 1, batch_wait_ms >= 0")
     served = ServedModel(run_dir)
@@ -216,6 +218,12 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token:
                          f"(--token or ${TOKEN_ENV}); every request but /healthz must then send it")
     if not 0 <= port <= 65535:
         raise NnlabError(f"--port: {port} is not a TCP port (0-65535)")
-    app = create_app(run_dir, token=token, **app_options)
-    print(f"nnlab serve: {Path(run_dir)} on http://{host}:{port}/ (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Bound here rather than by uvicorn, so that a busy port is a one-line error like any other.
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise NnlabError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    with sock:
+        app = create_app(run_dir, token=token, **app_options)
+        print(f"nnlab serve: {Path(run_dir)} on http://{host}:{sock.getsockname()[1]}/ (API docs at /docs)", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

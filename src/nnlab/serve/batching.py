@@ -2,8 +2,10 @@
 
 A request puts its image on a bounded queue and waits on a Future. One worker thread takes the
 first waiting image, gathers more for up to `wait_ms` (at most `max_batch` in all), runs the model
-once on the stack and hands each request its row. A full queue refuses new work at once (the app
-answers 503) rather than letting latency grow without bound.
+once on the stack and hands each request its row. With wait_ms = 0 (the server's default) it takes
+only the images already waiting: a lone request never waits for company, and under load the
+requests that arrive while one batch runs make up the next. A full queue refuses new work at once
+(the app answers 503) rather than letting latency grow without bound.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class QueueFull(Exception):
 
 
 class Batcher:
-    def __init__(self, run_batch: Callable[[Tensor], Tensor], max_batch: int = 32, wait_ms: float = 2.0,
+    def __init__(self, run_batch: Callable[[Tensor], Tensor], max_batch: int = 32, wait_ms: float = 0.0,
                  max_queue: int = 1024):
         self.run_batch, self.max_batch, self.wait_s = run_batch, max_batch, wait_ms / 1000
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)

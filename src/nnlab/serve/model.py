@@ -70,9 +70,13 @@ def _pixel_rows(pixels) -> np.ndarray:
         raise BadRequest("pixels: every row must have the same length")
     if len(pixels) * len(pixels[0]) > MAX_IMAGE_PIXELS:
         raise BadRequest(f"pixels: {len(pixels)}x{len(pixels[0])} is over the limit of {MAX_IMAGE_PIXELS} pixels")
-    if not all(type(v) in (int, float) and 0 <= v <= 255 for r in pixels for v in r):  # NaN fails too
+    try:
+        values = np.asarray(pixels, dtype=np.float64)
+    except (TypeError, ValueError):  # a string or a nested list among the values
+        values = None
+    if values is None or values.ndim != 2 or not np.all((values >= 0) & (values <= 255)):  # NaN fails too
         raise BadRequest("pixels: every value must be a number from 0 to 255")
-    return np.rint(np.asarray(pixels, dtype=np.float64)).astype(np.uint8)
+    return np.rint(values).astype(np.uint8)
 
 
 def png_base64(values: Tensor) -> str:
