@@ -11,9 +11,11 @@ import http.client
 import io
 import json
 import socket
+import struct
 import subprocess
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -163,7 +165,8 @@ def test_generate_matches_nnlab_generate(gpt_run, gpt_client):
         assert r.status_code == 200, r.text
         expected = generate_text(gpt_run, "First", 30, **kw)
         assert r.json()["text"] == expected and r.json()["completion"] == expected[len("First"):]
-    streamed = gpt_client.post("/v1/generate", json={"prompt": "First", "max_new_tokens": 30, "seed": 3, "stream": True})
+    streamed = gpt_client.post("/v1/generate",
+                               json={"prompt": "First", "max_new_tokens": 30, "seed": 3, "stream": True})
     assert streamed.headers["content-type"].startswith("text/event-stream")
     events = parse_events(streamed.text)
     assert len(events) == 31 and events[-1][0] == "done"
@@ -201,6 +204,14 @@ def chunks(data: bytes, size: int = 8192):
         yield data[i:i + size]
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height grey pixels and holds none: a few dozen bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
 JSON = {"content-type": "application/json"}
 pixels28 = [[0] * 28] * 28
 CLASSIFY_CASES = {
@@ -208,6 +219,8 @@ CLASSIFY_CASES = {
     "no content type": (dict(content=b"hello"), 415, "content type"),
     "not an image": (dict(files={"file": ("x.png", b"not an image", "image/png")}), 400, "PNG or JPEG"),
     "truncated png": (dict(files={"file": ("x.png", png(make_images(1, 0)[0][0])[:60], "image/png")}), 400, "file"),
+    "5000x5000 pixels": (dict(files={"file": ("x.png", png_header(5000, 5000), "image/png")}), 400, "over the limit"),
+    "a decompression bomb": (dict(files={"file": ("x.png", png_header(30000, 30000), "image/png")}), 400, "file"),
     "gif": (dict(files={"file": ("x.gif", b"GIF89a" + b"\0" * 40, "image/gif")}), 400, "PNG or JPEG"),
     "no file field": (dict(files={"image": ("x.png", b"x", "image/png")}), 400, "'file'"),
     "over the limit, declared": (dict(content=b"[" * (SMALL_BODY + 1), headers=JSON), 413, "limit"),
@@ -439,7 +452,8 @@ def test_the_page_in_headless_chromium(cnn_run, gpt_run, tmp_path):
             page.mouse.up()
             page.click("#classify")
             page.wait_for_function("document.body.dataset.state === 'classified'")
-            bars = page.eval_on_selector_all("#bars .bar", "bs => bs.map(b => [b.dataset.name, +b.dataset.probability])")
+            bars = page.eval_on_selector_all("#bars .bar",
+                                             "bs => bs.map(b => [b.dataset.name, +b.dataset.probability])")
             # The page shows what the API answers for the pixels it sent.
             pixels = json.loads(sent[-1])["pixels"]
             assert len(pixels) == 28 and max(map(max, pixels)) == 255 and min(map(min, pixels)) == 0

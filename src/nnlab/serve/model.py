@@ -48,6 +48,8 @@ def decode_image(data: bytes | None = None, pixels=None, in_channels: int = 1, i
     else:
         try:
             image = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
+        except Image.DecompressionBombError as e:  # a header claiming far more pixels than MAX_IMAGE_PIXELS
+            raise BadRequest(f"file: {e}") from None
         except (UnidentifiedImageError, OSError, ValueError):
             raise BadRequest("file: not a PNG or JPEG image that Pillow can decode") from None
         if image.width * image.height > MAX_IMAGE_PIXELS:
