@@ -163,7 +163,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--host", help="the address to bind (default 127.0.0.1; any other needs a token)")
     v.add_argument("--port", type=int, help="the TCP port (default 8000)")
     v.add_argument("--token", help="an API token every request but /healthz must send as "
-                   "'Authorization: Bearer TOKEN' (default $NNLAB_SERVE_TOKEN)")
+                   "'Authorization: Bearer TOKEN' (default $NNLAB_SERVE_TOKEN, which other users cannot read in `ps`)")
     v.add_argument("--max-new-tokens", type=int, help="the most tokens one /v1/generate request may ask for "
                    "(default 1000)")
     v.add_argument("--max-batch", type=int, help="classify requests batched into one forward pass, at most "
