@@ -9,6 +9,7 @@
     B4  sampling: KV cache vs recomputing the context, 500 new tokens, two models, greedy identity check
     B5  inference: batch-1 latency and batch-256 throughput, eager vs torch.compile vs bf16
     B6  traditional ML: the six scikit-learn baselines on full Fashion-MNIST, fitting time against 10 minutes
+    B7  ONNX export of a trained seed-cnn: agreement, int8 accuracy, eager PyTorch vs onnxruntime fp32 / int8
 
 The header names the processor, its bf16 support, torch, threads, and the matmul peak measured
 here, against which every MFU is computed. --quick is a smoke test (tiny step counts, one repeat,
@@ -32,7 +33,7 @@ import common
 from nnlab.errors import NnlabError
 
 BENCHMARKS = {"B1": "b1_cnn", "B2": "b2_speedrun", "B3": "b3_gpt", "B4": "b4_generate", "B5": "b5_infer",
-              "B6": "b6_baselines"}
+              "B6": "b6_baselines", "B7": "b7_export"}
 
 
 def main(argv=None) -> int:

@@ -160,6 +160,16 @@ def b6(doc: dict) -> str | None:
             + ("within budget" if b["within_budget"] else "OVER budget"))
 
 
+def b7(doc: dict) -> str | None:
+    b = doc["benchmarks"].get("B7")
+    if not b or "error" in b:
+        return None
+    res, agree = b["results"], b["agreement"]
+    return (f"fp32 agrees {100 * agree['fp32_top1_agreement']:.2f}%; b256 fp32 "
+            f"{ratio(res['onnxruntime fp32']['ratio_vs_eager'])}, int8 {ratio(res['onnxruntime int8']['ratio_vs_eager'])} "
+            f"({100 * agree['int8_accuracy_change']:+.2f} points)")
+
+
 BENCH_ROWS = [
     ("B1 seed-cnn training speed over the article's plain loop: recipe as shipped; + channels_last + "
      "precision=auto", b1),
@@ -174,6 +184,8 @@ BENCH_ROWS = [
     ("B5 the same for gpt-shakespeare's model", b5("gpt baby")),
     ("B6 traditional ML on full Fashion-MNIST (not a ratio): the best baseline's test accuracy; seconds to fit "
      "all six, against a budget of ten minutes", b6),
+    ("B7 seed-cnn exported to ONNX: fp32 top-1 agreement with PyTorch; batch-256 onnxruntime throughput over "
+     "eager PyTorch, fp32 and int8 (int8's accuracy change)", b7),
 ]
 
 
