@@ -165,8 +165,8 @@ def b7(doc: dict) -> str | None:
     if not b or "error" in b:
         return None
     res, agree = b["results"], b["agreement"]
-    return (f"fp32 agrees {100 * agree['fp32_top1_agreement']:.2f}%; b256 fp32 "
-            f"{ratio(res['onnxruntime fp32']['ratio_vs_eager'])}, int8 {ratio(res['onnxruntime int8']['ratio_vs_eager'])} "
+    fp32, int8 = (ratio(res[f"onnxruntime {p}"]["ratio_vs_eager"]) for p in ("fp32", "int8"))
+    return (f"fp32 agrees {100 * agree['fp32_top1_agreement']:.2f}%; b256 fp32 {fp32}, int8 {int8} "
             f"({100 * agree['int8_accuracy_change']:+.2f} points)")
 
 

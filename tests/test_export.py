@@ -85,7 +85,8 @@ def test_reexport_replaces_only_the_export(cnn_run, tmp_path):
     record = export(cnn_run, out=out)
     assert record["files"]["fp32"] == str(out.resolve()) and out.stat().st_size == record["bytes"]["fp32"]
     after = _digest(cnn_run)
-    assert {k: v for k, v in after.items() if k != "export.json"} == {k: v for k, v in before.items() if k != "export.json"}
+    unchanged = {k: v for k, v in before.items() if k != "export.json"}
+    assert {k: v for k, v in after.items() if k != "export.json"} == unchanged
     assert not [p for p in list(cnn_run.iterdir()) + list(tmp_path.iterdir()) if ".tmp-" in p.name]
 
 

@@ -123,6 +123,19 @@ def test_transparency_is_composited_onto_black(cnn_run, test_split):
     torch.testing.assert_close(got.x, x[:1], atol=2 / 255 / info["normalize"]["std"], rtol=0)
 
 
+def test_pixel_rows_are_an_image_too(cnn_run, test_split):
+    """The server's JSON body: rows of 0-255 values, as lists."""
+    from nnlab.errors import NnlabError
+
+    images, x, _ = test_split
+    info = nnlab.load(cnn_run)[1]
+    torch.testing.assert_close(image_to_input(images[0].tolist(), info).x, x[:1], rtol=0, atol=0)
+    for bad, needle in (([[1, 2], [3]], "different lengths"), ([[0, 256]], "0..255"), ([["a"]], "numbers"),
+                        ([1, 2, 3], "shape")):
+        with pytest.raises(NnlabError, match=needle):
+            image_to_input(bad, info)
+
+
 def test_language_model_continues_a_prompt_as_generate_does(tmp_path_factory, text_file, cli_main):
     from nnlab.generate import generate_text
 

@@ -69,7 +69,8 @@ def example_input(info: dict) -> tuple[torch.Tensor, dict]:
     batch = torch.export.Dim("batch", min=1)
     if info["task"] == "text":
         block = info["model"]["block_size"]
-        idx = torch.randint(0, info["model"]["vocab_size"], (2, min(block, 8)), generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, info["model"]["vocab_size"], (2, min(block, 8)), generator=g)
         return idx, {0: batch, 1: torch.export.Dim("seq", min=1, max=block)}
     shape = info["input_shape"] if info["task"] == "image" else [len(info["features"])]
     return torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)), {0: batch}
@@ -144,7 +145,8 @@ def to_int8(fp32: bytes, model: nn.Module, calibration: np.ndarray | None) -> tu
                 how = {"method": "static QDQ, per-channel weights (s8), activations (u8) calibrated min-max",
                        "calibration_images": len(calibration), "reduce_range": reduce_range}
             else:
-                quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+                quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=["MatMul", "Gemm"])
                 how = {"method": "dynamic: MatMul/Gemm weights s8, activations quantized per batch"}
         return dst.read_bytes(), how
 
@@ -236,15 +238,17 @@ def _check_data(run_dir: Path, model: nn.Module, info: dict) -> tuple[dict, np.n
     if info["task"] == "text":
         block = info["model"]["block_size"]
         g = torch.Generator().manual_seed(0)
-        xs = [torch.randint(0, info["model"]["vocab_size"], (4, t), generator=g).numpy() for t in (block, max(1, block // 3))]
-        return {"data": f"random token ids, 4 rows of {block} and of {max(1, block // 3)} tokens", "xs": xs}, None
+        lengths = (block, max(1, block // 3))
+        xs = [torch.randint(0, info["model"]["vocab_size"], (4, t), generator=g).numpy() for t in lengths]
+        return {"data": f"random token ids, 4 rows of {lengths[0]} and of {lengths[1]} tokens", "xs": xs}, None
     try:
         task = make_task(read_config(run_dir))
     except DataError as e:
         if info["task"] == "image" and is_convolutional(model):
             raise NnlabError(f"export: int8 calibration and the agreement check need the run's data ({e})") from None
         x, _ = example_input(info)
-        return {"data": "random inputs (the run's data did not load)", "xs": [torch.randn(64, *x.shape[1:]).numpy()]}, None
+        xs = [torch.randn(64, *x.shape[1:]).numpy()]
+        return {"data": "random inputs (the run's data did not load)", "xs": xs}, None
     x, y = task.x_test.numpy(), task.data.y_test.numpy()
     idx = torch.randperm(task.num_train(), generator=torch.Generator().manual_seed(0))[:CALIBRATION]
     calibration = task.x_train[idx].numpy()

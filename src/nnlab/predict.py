@@ -46,13 +46,20 @@ def decode_image(image) -> "PIL.Image.Image":  # noqa: F821
 
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, np.ndarray) or isinstance(image, list):
-        arr = np.asarray(image)
+    if isinstance(image, (np.ndarray, list)):
+        try:
+            arr = np.asarray(image)
+        except ValueError:  # ragged rows
+            raise NnlabError("pixels: rows of different lengths") from None
+        if arr.dtype.kind not in "biuf":
+            raise NnlabError(f"pixels: expected numbers, got {arr.dtype}")
         if arr.ndim not in (2, 3) or arr.size == 0 or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
             raise NnlabError(f"pixels: expected rows of values (H, W) or (H, W, 1|3|4), got shape {arr.shape}")
+        if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
+            raise NnlabError(f"pixels: {arr.shape[1]}x{arr.shape[0]}, more than {MAX_PIXELS:,} pixels")
         if not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 255):
             raise NnlabError("pixels: values must lie in 0..255")
-        arr = arr.astype(np.uint8)
+        arr = np.rint(arr).astype(np.uint8)
         return Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
     name = str(image) if isinstance(image, (str, Path)) else "image"
     try:

@@ -10,8 +10,9 @@ autograd and torch.compile all see one op, and each has one function that says w
 
 The layers in nnlab.nn call an op only where its `*_applies` says yes, and torch's functional path
 otherwise; models never name a kernel. Without a C compiler, or with NNLAB_NO_KERNELS=1, nothing
-applies and only speed changes; `switched_off()` does the same inside a block. `status()` says whether the library is built and which ops run on
-this CPU; `used()` names the kernels that ran in this process.
+applies and only speed changes; `switched_off()` does the same inside a `with` block (for the ONNX
+exporter). `status()` says whether the library is built and which ops run on this CPU; `used()`
+names the kernels that ran in this process.
 """
 
 from nnlab.kernels.attention_op import attention, attention_applies
