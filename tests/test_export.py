@@ -19,6 +19,8 @@ import nnlab
 from conftest import one_line_error
 from nnlab import kernels
 from nnlab.export import export, session
+from nnlab.report import read_run
+from nnlab.report.analyses import export_section
 from nnlab.runfolder import read_config
 from nnlab.tasks import make_task
 
@@ -72,6 +74,9 @@ def test_cnn_fp32_and_int8_agree_with_pytorch_on_the_test_split(cnn_run, cli_mai
     assert all(scales[dq[w].input[1]].size == 32 for w in conv_w[:1])  # one scale per output channel
     out8 = session(cnn_run / "model.int8.onnx", threads=1).run(None, {"x": task.x_test.numpy()})[0]
     assert np.mean(out8.argmax(1) == task.data.y_test.numpy()) == pytest.approx(int8["accuracy"])
+    # The report's section reads export.json.
+    section = "".join(export_section(read_run(cnn_run)).body)
+    assert "model.int8.onnx" in section and "the test split (100 samples)" in section and "static QDQ" in section
     # Only the export's own files are new; nothing of the run changed.
     after = _digest(cnn_run)
     assert {k: v for k, v in after.items() if k in before} == before
