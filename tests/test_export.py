@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -83,16 +84,27 @@ def test_cnn_fp32_and_int8_agree_with_pytorch_on_the_test_split(cnn_run, cli_mai
     assert set(after) - set(before) == {"model.onnx", "model.int8.onnx", "export.json"}
 
 
-def test_reexport_replaces_only_the_export(cnn_run, tmp_path):
-    export(cnn_run)
+def test_reexport_replaces_only_the_export(cnn_run):
+    (cnn_run / "model.onnx").write_bytes(b"an earlier export")
     before = _digest(cnn_run)
-    out = tmp_path / "elsewhere.onnx"
-    record = export(cnn_run, out=out)
-    assert record["files"]["fp32"] == str(out.resolve()) and out.stat().st_size == record["bytes"]["fp32"]
+    record = export(cnn_run)
+    assert record["files"] == {"fp32": "model.onnx"}
+    assert (cnn_run / "model.onnx").stat().st_size == record["bytes"]["fp32"]
     after = _digest(cnn_run)
-    unchanged = {k: v for k, v in before.items() if k != "export.json"}
-    assert {k: v for k, v in after.items() if k != "export.json"} == unchanged
-    assert not [p for p in list(cnn_run.iterdir()) + list(tmp_path.iterdir()) if ".tmp-" in p.name]
+    unchanged = {k: v for k, v in before.items() if k not in ("export.json", "model.onnx")}
+    assert {k: v for k, v in after.items() if k not in ("export.json", "model.onnx")} == unchanged
+    assert not [p for p in cnn_run.iterdir() if ".tmp-" in p.name]  # nothing left beside the files
+
+
+def test_without_the_runs_data_fp32_is_checked_on_random_inputs(cnn_run, tmp_path, cli_main):
+    run = tmp_path / "moved"
+    shutil.copytree(cnn_run, run, ignore=shutil.ignore_patterns("*.onnx", "export.json", "checkpoints", "tensorboard"))
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(str(read_config(cnn_run).data.dir), str(tmp_path / "gone")))
+    record = export(run)
+    assert record["check"]["data"].startswith("random inputs") and record["check"]["fp32"]["top1_agreement"] == 1.0
+    rc, out, err = cli_main("export", run, "--quantize", "int8")
+    one_line_error(rc, err, "calibration")
 
 
 def test_gpt_exports_without_kv_cache_for_every_length(tmp_path_factory, text_file):

@@ -186,7 +186,8 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None)
     """Export the model of `run_dir` to `out` (default RUN_DIR/model.onnx) and, with quantize="int8",
     an int8 model beside it (NAME.int8.onnx); check both against PyTorch (module docstring) and
     record what was done in RUN_DIR/export.json. Returns that record. An existing export is replaced
-    atomically; any other existing file is never overwritten, and a failure writes nothing."""
+    atomically; any other existing file is never overwritten, and a failure writes nothing.
+    export.json names the files of the latest export only (an older int8 file may sit beside them)."""
     from nnlab import runfolder
 
     if format not in FORMATS:
@@ -203,8 +204,8 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None)
             raise NnlabError(f"--out: {path}: an ONNX file's name ends in .onnx")
         if not path.parent.is_dir():
             raise NnlabError(f"--out: {path.parent}: no such folder")
+    check, calibration = _check_data(run_dir, info, calibrate=bool(quantize) and is_convolutional(model))
     blobs = {"fp32": to_onnx(model, info)}
-    check, calibration = _check_data(run_dir, model, info)
     record = {"format": "onnx", "task": info["task"], "model": info["model"]["name"], "files": {}, "bytes": {},
               "check": {"data": check["data"]}}
     if info["task"] == "text":
@@ -228,9 +229,10 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None)
     return record
 
 
-def _check_data(run_dir: Path, model: nn.Module, info: dict) -> tuple[dict, np.ndarray | None]:
-    """The inputs the export is checked on ({"data", "x", "y"}) and int8 calibration images: the
-    run's own test and training splits for classifiers; random inputs otherwise."""
+def _check_data(run_dir: Path, info: dict, calibrate: bool) -> tuple[dict, np.ndarray | None]:
+    """The inputs the export is checked on ({"data", "xs", "y"}) and int8 calibration images: the
+    run's own test and training splits where its data loads; random inputs otherwise, unless
+    `calibrate` (static int8) needs the training images."""
     from nnlab.errors import DataError
     from nnlab.runfolder import read_config
     from nnlab.tasks import make_task
@@ -244,7 +246,7 @@ def _check_data(run_dir: Path, model: nn.Module, info: dict) -> tuple[dict, np.n
     try:
         task = make_task(read_config(run_dir))
     except DataError as e:
-        if info["task"] == "image" and is_convolutional(model):
+        if calibrate:
             raise NnlabError(f"export: int8 calibration and the agreement check need the run's data ({e})") from None
         x, _ = example_input(info)
         xs = [torch.randn(64, *x.shape[1:]).numpy()]
