@@ -184,13 +184,22 @@ def predict(run_dir, files=(), prompt: str | None = None, top_k: int | None = No
     _check_top_k(top_k, len(info["classes"]))  # before any file is read
     inputs = [image_to_input(f, info, invert) for f in files]
     ranked = classify(model, info, torch.cat([i.x for i in inputs]), top_k)
-    m = info["model"]
+    m, data = info["model"], _data_name(run_dir)
     return {"run": str(run_dir), "task": "image", "model": m["name"],
             "input": {"channels": m["in_channels"], "size": m["image_size"], "normalize": info["normalize"],
-                      "convention": "a light object on a dark background (Fashion-MNIST); light-background "
-                                    "images are inverted unless --no-invert"},
+                      "convention": f"a light object on a dark background, as in {data}; images on a light "
+                                    "background are inverted unless --no-invert"},
             "predictions": [{"file": str(f), "conversion": i.conversion, "top_k": r}
                             for f, i, r in zip(files, inputs, ranked)]}
+
+
+def _data_name(run_dir) -> str:
+    from nnlab.runfolder import read_config
+
+    try:
+        return f"the training images ({read_config(run_dir).data.name})"
+    except NnlabError:  # the model alone is enough to predict; config.yaml only names the data
+        return "the training images"
 
 
 def _continue(run_dir, prompt: str, top_k: int | None, options: dict) -> dict:
