@@ -116,8 +116,9 @@ def image_to_input(image, info: dict, invert: bool | None = None) -> ModelInput:
         arr = 255 - arr
         why = "asked" if invert else f"light background, border mean {border.mean():.0f}"
         steps.append(f"inverted ({why}): the model expects a light object on a dark background")
-    elif invert is None:
-        steps.append(f"not inverted (dark background, border mean {border.mean():.0f})")
+    else:
+        why = "asked" if invert is False else f"dark background, border mean {border.mean():.0f}"
+        steps.append(f"not inverted ({why})")
     arr = _pad_square(arr, steps)
     x = resize_images(torch.from_numpy(arr)[None], size)
     if x.shape[2] != arr.shape[1]:
