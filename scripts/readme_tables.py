@@ -160,6 +160,14 @@ def b6(doc: dict) -> str | None:
             + ("within budget" if b["within_budget"] else "OVER budget"))
 
 
+def b7(doc: dict) -> str | None:
+    b = doc["benchmarks"].get("B7")
+    if not b or "error" in b:
+        return None
+    res, agree = b["results"], b["agreement"]
+    fp32, int8 = (ratio(res[f"onnxruntime {p}"]["ratio_vs_eager"]) for p in ("fp32", "int8"))
+    return (f"fp32 agrees {100 * agree['fp32_top1_agreement']:.2f}%; b256 fp32 {fp32}, int8 {int8} "
+            f"({100 * agree['int8_accuracy_change']:+.2f} points)")
 def b8(doc: dict) -> str | None:
     b = doc["benchmarks"].get("B8")  # absent from results files written before B8 existed
     if not b or "error" in b:
@@ -183,6 +191,8 @@ BENCH_ROWS = [
     ("B5 the same for gpt-shakespeare's model", b5("gpt baby")),
     ("B6 traditional ML on full Fashion-MNIST (not a ratio): the best baseline's test accuracy; seconds to fit "
      "all six, against a budget of ten minutes", b6),
+    ("B7 seed-cnn exported to ONNX: fp32 top-1 agreement with PyTorch; batch-256 onnxruntime throughput over "
+     "eager PyTorch, fp32 and int8 (int8's accuracy change)", b7),
     ("B8 `nnlab serve` seed-cnn classify, 32 clients: batched requests/s over one at a time; one client's p50 "
      "latency", b8),
 ]

@@ -72,6 +72,30 @@ def cmd_report(a) -> None:
     print(build_report(a.run_dir))
 
 
+def cmd_predict(a) -> None:
+    from rich.console import Console
+
+    from nnlab.predict import predict, table
+
+    kw = {k: getattr(a, k) for k in ("prompt", "top_k", "invert", "max_new_tokens", "temperature", "seed")
+          if getattr(a, k) is not None}
+    result = predict(a.run_dir, a.files, **kw)
+    if a.json:
+        print(json.dumps(result, indent=2))
+    elif result["task"] == "text":
+        print(result["text"])
+    else:
+        console = Console()
+        Console(width=max(console.width, 120) if console.is_terminal else 160).print(table(result))
+
+
+def cmd_export(a) -> None:
+    from nnlab.export import export
+
+    kw = {k: getattr(a, k) for k in ("format", "quantize", "out") if getattr(a, k) is not None}
+    print(json.dumps(export(a.run_dir, **kw), indent=2))
+
+
 def cmd_serve(a) -> None:
     from nnlab.serve import serve
 
@@ -109,8 +133,9 @@ def cmd_keys(a) -> None:
 
 
 VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "baselines": cmd_baselines,
-         "learning-curve": cmd_learning_curve, "explain": cmd_explain, "report": cmd_report, "serve": cmd_serve,
-         "recipes": cmd_recipes, "keys": cmd_keys, "info": cmd_info}
+         "learning-curve": cmd_learning_curve, "explain": cmd_explain, "report": cmd_report,
+         "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve, "recipes": cmd_recipes,
+         "keys": cmd_keys, "info": cmd_info}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -158,6 +183,24 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--samples", type=int, help="explain the first N test samples (default 8)")
     r = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page about a finished run")
     r.add_argument("run_dir", help="a finished run folder; only its report.html is written")
+    pr = sub.add_parser("predict", help="classify image files, or continue a prompt, with a trained model")
+    pr.add_argument("run_dir")
+    pr.add_argument("files", nargs="*", metavar="FILE", help="PNG or JPEG images (any size, grey or colour)")
+    pr.add_argument("--top-k", type=int, help="classes shown per image (default 5); for a language model, "
+                    "sampling's top-k as in generate")
+    pr.add_argument("--invert", action=argparse.BooleanOptionalAction, help="invert the images' brightness "
+                    "(default: only images on a light background; the model expects light on dark)")
+    pr.add_argument("--json", action="store_true", help="print the result as JSON")
+    pr.add_argument("--prompt", help="a language model: the text to continue")
+    pr.add_argument("--max-new-tokens", type=int)
+    pr.add_argument("--temperature", type=float, help="0 = greedy")
+    pr.add_argument("--seed", type=int)
+    ex = sub.add_parser("export", help="write the model as ONNX (and int8 ONNX) that onnxruntime runs")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", help="onnx (the only format, the default)")
+    ex.add_argument("--quantize", help="int8: also write an int8 model beside the fp32 one")
+    ex.add_argument("--out", metavar="FILE", help="the .onnx file to write (default RUN_DIR/model.onnx; "
+                    "the int8 model goes beside it as NAME.int8.onnx)")
     v = sub.add_parser("serve", help="serve a trained model over HTTP: classify, generate, model card, a page")
     v.add_argument("run_dir")
     v.add_argument("--host", help="the address to bind (default 127.0.0.1; any other needs a token)")

@@ -16,6 +16,8 @@ Written later by the analysis verbs, each from the run folder alone (none overwr
     learning_curve.json, .png     `nnlab learning-curve --out`: accuracy against training-set size
     explain/METHOD.json, .png     `nnlab explain`: attributions or attention maps (.html for text)
     report.html                   `nnlab report`: everything above, in one self-contained page
+    model.onnx, model.int8.onnx   `nnlab export`: the model for onnxruntime (fp32, int8)
+    export.json                   `nnlab export`: what was exported and how well it agrees
 
 Security: weights and training state load only from safetensors, a format with no code in it. A
 pickle or a zip-based `.pt` file offered as a checkpoint or model is refused by its first bytes
@@ -61,6 +63,9 @@ LEARNING_CURVE = "learning_curve.json"
 LEARNING_CURVE_PLOT = "learning_curve.png"
 EXPLAIN_DIR = "explain"
 REPORT = "report.html"
+ONNX_MODEL = "model.onnx"
+ONNX_INT8_SUFFIX = ".int8.onnx"  # model.onnx -> model.int8.onnx
+EXPORT = "export.json"
 
 MAX_HEADER = 100 * 1024 * 1024  # a safetensors header larger than this is hostile or corrupt
 

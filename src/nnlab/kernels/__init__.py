@@ -10,14 +10,15 @@ autograd and torch.compile all see one op, and each has one function that says w
 
 The layers in nnlab.nn call an op only where its `*_applies` says yes, and torch's functional path
 otherwise; models never name a kernel. Without a C compiler, or with NNLAB_NO_KERNELS=1, nothing
-applies and only speed changes. `status()` says whether the library is built and which ops run on
-this CPU; `used()` names the kernels that ran in this process.
+applies and only speed changes; `switched_off()` does the same inside a `with` block (for the ONNX
+exporter). `status()` says whether the library is built and which ops run on this CPU; `used()`
+names the kernels that ran in this process.
 """
 
 from nnlab.kernels.attention_op import attention, attention_applies
-from nnlab.kernels.build import status, used
+from nnlab.kernels.build import status, switched_off, used
 from nnlab.kernels.conv_pool_op import conv_pool, conv_pool_applies
 from nnlab.kernels.pool_op import pool, pool_applies
 
 __all__ = ["attention", "attention_applies", "conv_pool", "conv_pool_applies", "pool", "pool_applies", "status",
-           "used"]
+           "switched_off", "used"]

@@ -9,6 +9,7 @@ for another processor than this one, to time or test the code an AVX2-only CPU r
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -136,6 +137,21 @@ def conv_native() -> bool:
     """Whether the conv kernels run here: built, on a CPU with AVX2 or AVX-512 (with narrower vectors
     they are slower than ATen's)."""
     return library() is not None and _state["conv"]
+
+
+@contextlib.contextmanager
+def switched_off():
+    """Inside the block no kernel op applies and every layer takes torch's functional path: what
+    NNLAB_NO_KERNELS=1 does for a whole process. For tracers that cannot see into a custom op (the
+    ONNX exporter). Not thread-safe: it swaps this module's state for the whole process."""
+    saved = dict(_state)
+    _state.clear()
+    _state.update(lib=None, conv=False, why="switched off (nnlab.kernels.switched_off)")
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
 
 
 def status() -> dict:

@@ -127,7 +127,7 @@ class SelfAttention(nn.Module):
         else:
             # With a cache and a single new query the mask is all-ones; is_causal would wrongly
             # align the mask to the top-left, so only pass it when queries and keys coincide.
-            is_causal = self.causal and q.shape[2] == k.shape[2]
+            is_causal = self.causal and bool(q.shape[2] == k.shape[2])  # bool: a plain flag under torch.export too
             o = self._sdpa(q, k, v, is_causal, dropout)
         y = o.transpose(1, 2).reshape(B, T, C)  # re-assemble heads side by side: (B, T, C)
         return self.resid_drop(self.proj(y)), A, (k, v) if use_cache or past_kv is not None else None

@@ -13,6 +13,7 @@ The sections, each from the run folder alone:
   baselines, learning curve, explanations
                             baselines.json, learning_curve.json + .png, explain/*.json + .png/.html
                             (the files `nnlab baselines`, `nnlab learning-curve`, `nnlab explain` write)
+  export                    export.json, where `nnlab export` wrote one: the ONNX files and their check
   efficiency                parameters, FLOPs per sample, throughput, processor and precision
 
 A section whose file is absent says which command makes it. A folder that is not a finished run (no
@@ -31,8 +32,8 @@ from pathlib import Path
 from nnlab.errors import NnlabError
 from nnlab.report import analyses, page, sections
 from nnlab.report.sections import Run
-from nnlab.runfolder import (BASELINES, LEARNING_CURVE, METRICS, MODEL_INFO, REPORT, SUMMARY, atomic_write_text, load,
-                             read_config, read_json)
+from nnlab.runfolder import (BASELINES, EXPORT, LEARNING_CURVE, METRICS, MODEL_INFO, REPORT, SUMMARY,
+                             atomic_write_text, load, read_config, read_json)
 
 
 def read_run(run_dir: str | Path) -> Run:
@@ -115,7 +116,10 @@ def build_report(run_dir: str | Path) -> Path:
         parts.append(analyses.baselines_section(run))
     if kind != "text" or (run.dir / LEARNING_CURVE).exists():
         parts.append(analyses.learning_curve_section(run))
-    parts += [analyses.explain_section(run), sections.efficiency_section(run, model, measured)]
+    parts.append(analyses.explain_section(run))
+    if (run.dir / EXPORT).exists():
+        parts.append(analyses.export_section(run))
+    parts.append(sections.efficiency_section(run, model, measured))
 
     from nnlab import __version__
 

@@ -1,6 +1,6 @@
 """The report's sections built from the files other verbs write into the run folder (the formats
 are the issue-21 contract): baselines.json, learning_curve.json + .png, explain/METHOD.json with
-its .png or .html.
+its .png or .html; and export.json (`nnlab export`).
 
 A file that is absent leaves its section saying which command makes it; a file that is corrupt or
 does not follow its format becomes a visible warning in its section (and a printed one), and the
@@ -15,7 +15,7 @@ from nnlab.errors import NnlabError
 from nnlab.report import figures
 from nnlab.report.page import REMOTE_REF, Section, absent, embedded_page, esc, figure, num, p, plural, table
 from nnlab.report.sections import Run, lower_is_better
-from nnlab.runfolder import BASELINES, EXPLAIN_DIR, LEARNING_CURVE, LEARNING_CURVE_PLOT, read_json
+from nnlab.runfolder import BASELINES, EXPLAIN_DIR, EXPORT, LEARNING_CURVE, LEARNING_CURVE_PLOT, read_json
 
 PREDICTIONS_SHOWN = 32
 
@@ -192,3 +192,25 @@ def embedded_file(run_dir: Path, name: str, method: str, s: Section) -> list[str
         return []
     s.warn(f"{path}: neither .png nor .html; not embedded")
     return []
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+def export_section(run: Run) -> Section:
+    """export.json (`nnlab export`): the ONNX files and how well onnxruntime agrees with PyTorch."""
+    s = Section("export", "Export: ONNX for onnxruntime")
+    path = run.dir / EXPORT
+    doc = read_contract(path, {"files": dict, "bytes": dict, "check": dict}, s)
+    if doc is None:
+        return s
+    check = doc["check"]
+    rows = []
+    for kind, name in doc["files"].items():
+        c = check.get(kind) or {}
+        rows.append([kind, name, doc["bytes"].get(kind), c.get("top1_agreement"), c.get("accuracy"),
+                     c.get("max_abs_diff"), c.get("method", "")])
+    cache = {False: " The language model is exported without a KV cache."}.get(doc.get("kv_cache"), "")
+    s.add(p(f"Checked against PyTorch on {check.get('data', '?')}.{cache}"),
+          table(["precision", "file", "bytes", "top-1 agreement with PyTorch", "accuracy", "largest difference",
+                 "quantization"], rows, numeric={2, 3, 4, 5}))
+    return s
