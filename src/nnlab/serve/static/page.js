@@ -91,7 +91,10 @@ async function classifyFile(file) {
   const response = await api(classifyPath, {method: "POST", body: form});
   const answer = await response.json();
   const bitmap = await createImageBitmap(file);
-  show(answer, (ctx, w, h) => ctx.drawImage(bitmap, 0, 0, w, h));
+  // Centred at its own aspect ratio, as the server pads it square, so the saliency map lies over it.
+  const side = Math.max(bitmap.width, bitmap.height);
+  show(answer, (ctx, w, h) => ctx.drawImage(bitmap, (side - bitmap.width) / 2 * w / side,
+    (side - bitmap.height) / 2 * h / side, bitmap.width * w / side, bitmap.height * h / side));
 }
 
 function drawGrey(ctx, rows, w, h) {
