@@ -187,8 +187,6 @@ def test_onnxruntime_backend_gives_the_torch_probabilities(cnn_run, gpt_run, cnn
     shutil.copytree(cnn_run, run)
     rc, _, err = cli_main("serve", run, "--backend", "onnxruntime", "--port", "0")
     one_line_error(rc, err, "model.onnx", f"nnlab export {run} --format onnx")
-    rc, _, err = cli_main("serve", gpt_run, "--backend", "onnxruntime", "--port", "0")
-    one_line_error(rc, err, "--backend onnxruntime", "--backend torch")
     rc, _, err = cli_main("serve", run, "--backend", "tensorrt", "--port", "0")
     one_line_error(rc, err, "--backend", "tensorrt")
     export(run)
@@ -206,6 +204,27 @@ def test_onnxruntime_backend_gives_the_torch_probabilities(cnn_run, gpt_run, cnn
         assert card["backend"] == "onnxruntime" and card["saliency"] is False
         assert card["parameters"] == cnn_client.get("/v1/model").json()["parameters"]
         assert onnx_client.get("/healthz").json()["batched_items"] == len(sample_images())
+
+
+def test_onnxruntime_backend_generates_the_torch_tokens(gpt_run, tmp_path):
+    """A gpt export has no KV cache: each token reruns the context, and the tokens are torch's."""
+    from nnlab.export import export
+
+    run = tmp_path / "run"
+    shutil.copytree(gpt_run, run)
+    export(run)
+    with TestClient(create_app(run, backend="onnxruntime")) as client:
+        block = nnlab.load(run)[1]["model"]["block_size"]
+        n = block + 10  # past block_size the context is cropped, as generate does without a cache
+        r = client.post("/v1/generate", json={"prompt": "First", "max_new_tokens": n, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["text"] == generate_text(gpt_run, "First", n, temperature=0)
+        streamed = client.post("/v1/generate", json={"prompt": "First", "max_new_tokens": 12, "stream": True})
+        events = parse_events(streamed.text)
+        assert len(events) == 13 and events[-1] == ("done", {"text": generate_text(gpt_run, "First", 12)})
+        assert client.get("/v1/model").json()["backend"] == "onnxruntime"
+        r = client.post("/v1/classify", json={"pixels": pixels28})
+        assert r.status_code == 400 and "needs an image classifier" in r.json()["detail"]
 
 
 # ---- generate and the model card ----------------------------------------------------------------

@@ -211,8 +211,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default 1000)")
     v.add_argument("--max-batch", type=int, help="classify requests batched into one forward pass, at most "
                    "(default 32; 1 = one at a time)")
-    v.add_argument("--backend", help="torch (default) or onnxruntime: classify with RUN_DIR/model.onnx from "
-                   "`nnlab export` (image classifiers; no saliency)")
+    v.add_argument("--backend", help="torch (default) or onnxruntime: run RUN_DIR/model.onnx from `nnlab export` "
+                   "(no saliency; generation reruns the context per token, no KV cache)")
     sub.add_parser("recipes", help="list the shipped recipes")
     k = sub.add_parser("keys", help="list every config key with its type, default and doc")
     k.add_argument("--model", help="only this model's keys (default: every model's)")

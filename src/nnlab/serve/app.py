@@ -70,8 +70,8 @@ def create_app(run_dir: str | Path, token: str | None = None, max_new_tokens_cap
     """The API for the model in `run_dir`. With a token, every request but /healthz must send
     `Authorization: Bearer TOKEN`. max_batch > 1 batches concurrent classify requests (up to
     max_batch images: those already waiting, plus any that arrive within batch_wait_ms; see
-    batching.py); 1 runs each request on its own. backend "onnxruntime" classifies with
-    RUN_DIR/model.onnx (`nnlab export`; image classifiers only, no saliency; see model.py)."""
+    batching.py); 1 runs each request on its own. backend "onnxruntime" runs RUN_DIR/model.onnx
+    (`nnlab export`): no saliency, and generation without a KV cache (see model.py)."""
     if max_new_tokens_cap < 0 or max_body_bytes < 1 or max_batch < 1 or batch_wait_ms < 0:
         raise NnlabError("serve: max_new_tokens_cap >= 0, max_body_bytes >= 1, max_batch >= 1, batch_wait_ms >= 0")
     served = ServedModel(run_dir, backend)

@@ -11,7 +11,9 @@ image on a light background is inverted) leaves the page's canvas, light strokes
 drawn; a request can force it either way (?invert=true|false).
 
 Backends: "torch" runs the run's PyTorch model; "onnxruntime" runs RUN_DIR/model.onnx (written by
-`nnlab export`) for an image classifier, without gradients, so it answers no saliency request.
+`nnlab export`). onnxruntime gives no gradients, so it answers no saliency request; a language
+model's export has no KV cache, so generation reruns the whole (cropped) context for every token,
+as nnlab.generate does with use_cache=False, and gives the same tokens as the torch backend.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import inspect
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -65,6 +68,8 @@ class ServedModel:
             self.parameters = sum(p.numel() for p in self.model.parameters())
         elif backend == "onnxruntime":
             self.session, self.info, self.parameters = _onnx_model(self.run_dir)
+            if self.info.get("task") == "text":
+                self.model = OnnxLanguageModel(self.session, self.info["model"]["block_size"])
         else:
             raise NnlabError(f"--backend: unknown {backend!r}; choose from {', '.join(BACKENDS)}")
         self.task = self.info.get("task")
@@ -149,7 +154,8 @@ class ServedModel:
 
     def token_stream(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
                      seed: int) -> Iterator[str]:
-        """The text each new token adds to `prompt`, token by token (KV-cached, nnlab.generate)."""
+        """The text each new token adds to `prompt`, token by token (nnlab.generate; KV-cached with
+        the torch backend)."""
         if not self.is_language_model:
             raise BadRequest(f"this server holds a {self.kind} model; /v1/generate needs a language model")
         if not prompt:
@@ -160,7 +166,7 @@ class ServedModel:
             raise BadRequest(f"prompt: {str(e).removeprefix('data: ')}") from None
         tokens = generate_stream(self.model, torch.tensor([ids], dtype=torch.long), max_new_tokens,
                                  temperature=temperature, top_k=top_k,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 generator=torch.Generator().manual_seed(seed), use_cache=self.backend == "torch")
         return self._texts(tokens)
 
     def _texts(self, tokens: Iterator[Tensor]) -> Iterator[str]:
@@ -182,17 +188,17 @@ class ServedModel:
 
 
 def _onnx_model(run_dir: Path):
-    """(an onnxruntime session of RUN_DIR/model.onnx, model.json, the parameter count) for an image
-    classifier exported by `nnlab export`; the run's weights file is not read."""
+    """(an onnxruntime session of RUN_DIR/model.onnx, model.json, the parameter count) for a model
+    exported by `nnlab export`; the run's weights file is not read."""
     from nnlab.export import session
 
     try:
         info = read_json(run_dir / MODEL_INFO)
     except NnlabError:
         raise NnlabError(f"{run_dir}: no readable {MODEL_INFO} (not a finished run folder?)") from None
-    if info.get("task") != "image":
-        raise NnlabError(f"--backend onnxruntime: serves image classifiers; {run_dir} holds a {info.get('task')} "
-                         "model (its export has no KV cache): serve it with --backend torch")
+    if info.get("task") not in ("image", "text"):
+        raise NnlabError(f"--backend onnxruntime: serves image classifiers and language models; {run_dir} "
+                         f"holds a {info.get('task')} model: serve it with --backend torch")
     path = run_dir / ONNX_MODEL
     if not path.is_file():
         raise NnlabError(f"{path}: missing; make it with `nnlab export {run_dir} --format onnx`")
@@ -211,3 +217,14 @@ def _parameters(info: dict) -> int:
     from nnlab.models import build_model
 
     return sum(p.numel() for p in build_model(parse_model(info["model"])).parameters())
+
+
+class OnnxLanguageModel:
+    """An exported language model as generate_stream calls it without a cache: idx (B, T), T at most
+    cfg.block_size -> logits (B, T, vocab)."""
+
+    def __init__(self, session, block_size: int):
+        self.session, self.cfg = session, SimpleNamespace(block_size=block_size)
+
+    def __call__(self, idx: Tensor) -> Tensor:
+        return torch.from_numpy(self.session.run(None, {"idx": idx.numpy()})[0])
