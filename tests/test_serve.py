@@ -60,6 +60,17 @@ def gpt_run(tmp_path_factory, text_file, threads) -> Path:
 
 
 @pytest.fixture(scope="module")
+def onnx_cnn_run(cnn_run, tmp_path_factory) -> Path:
+    """A copy of cnn_run with its model exported (cnn_run itself stays without model.onnx)."""
+    from nnlab.export import export
+
+    run = tmp_path_factory.mktemp("onnx") / "run"
+    shutil.copytree(cnn_run, run)
+    export(run)
+    return run
+
+
+@pytest.fixture(scope="module")
 def cnn_client(cnn_run):
     with TestClient(create_app(cnn_run, max_body_bytes=SMALL_BODY)) as client:
         yield client
@@ -180,16 +191,12 @@ def test_a_file_gives_the_same_answer_from_predict_and_the_server(cnn_run, cnn_c
     assert auto["classes"][0]["index"] == label  # inverted back to what the model was trained on
 
 
-def test_onnxruntime_backend_gives_the_torch_probabilities(cnn_run, gpt_run, cnn_client, cli_main, tmp_path):
-    from nnlab.export import export
-
-    run = tmp_path / "run"
-    shutil.copytree(cnn_run, run)
-    rc, _, err = cli_main("serve", run, "--backend", "onnxruntime", "--port", "0")
-    one_line_error(rc, err, "model.onnx", f"nnlab export {run} --format onnx")
-    rc, _, err = cli_main("serve", run, "--backend", "tensorrt", "--port", "0")
+def test_onnxruntime_backend_gives_the_torch_probabilities(cnn_run, onnx_cnn_run, cnn_client, cli_main):
+    rc, _, err = cli_main("serve", cnn_run, "--backend", "onnxruntime", "--port", "0")  # never exported
+    one_line_error(rc, err, "model.onnx", f"nnlab export {cnn_run} --format onnx")
+    rc, _, err = cli_main("serve", cnn_run, "--backend", "tensorrt", "--port", "0")
     one_line_error(rc, err, "--backend", "tensorrt")
-    export(run)
+    run = onnx_cnn_run
     with TestClient(create_app(run, backend="onnxruntime")) as onnx_client:
         for pixels, _ in sample_images():
             body = {"json": {"pixels": pixels.tolist()}}
@@ -494,9 +501,9 @@ def open_page(browser, port: int, found: dict):
     return page
 
 
-def test_the_page_in_headless_chromium(cnn_run, gpt_run, tmp_path):
-    """Draw and upload on a classifier's page, stream text on a language model's page; screenshots
-    are saved (and copied into $NNLAB_SERVE_SCREENSHOTS when set)."""
+def test_the_page_in_headless_chromium(cnn_run, gpt_run, onnx_cnn_run, tmp_path):
+    """Draw and upload on a classifier's page (torch and onnxruntime backends), stream text on a
+    language model's page; screenshots are saved (and copied into $NNLAB_SERVE_SCREENSHOTS when set)."""
     import os
 
     from playwright.sync_api import sync_playwright
@@ -567,10 +574,20 @@ def test_the_page_in_headless_chromium(cnn_run, gpt_run, tmp_path):
             page.wait_for_function("document.body.dataset.state === 'generated'")
             assert page.text_content("#output") == generate_text(gpt_run, "First", 40, temperature=0)
             page.screenshot(path=tmp_path / "page-generate.png")
+
+            # On the onnxruntime backend the page asks no saliency (it has no gradients) and still classifies.
+            with live_server(create_app(onnx_cnn_run, backend="onnxruntime")) as onnx_port:
+                page = open_page(browser, onnx_port, found)
+                page.wait_for_selector("#classifier:not([hidden])")
+                page.set_input_files("#file", tmp_path / "upload.png")
+                page.wait_for_function("document.body.dataset.state === 'classified'")
+                assert page.eval_on_selector("#bars .bar", "b => b.dataset.name") == top
+                assert page.text_content("#error") == ""
+                page.screenshot(path=tmp_path / "page-onnx.png")
         finally:
             browser.close()
     assert found == {"elsewhere": [], "console_errors": []}
-    for shot in ("page-draw.png", "page-upload.png", "page-generate.png"):
+    for shot in ("page-draw.png", "page-upload.png", "page-generate.png", "page-onnx.png"):
         assert (tmp_path / shot).read_bytes().startswith(b"\x89PNG")
         if os.environ.get("NNLAB_SERVE_SCREENSHOTS"):
             shutil.copy(tmp_path / shot, os.environ["NNLAB_SERVE_SCREENSHOTS"])
