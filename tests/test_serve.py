@@ -10,6 +10,7 @@ import base64
 import http.client
 import io
 import json
+import shutil
 import socket
 import struct
 import subprocess
@@ -56,6 +57,17 @@ def gpt_run(tmp_path_factory, text_file, threads) -> Path:
     return nnlab.train("gpt-shakespeare", [f"data.path={text_file}", "model.preset=tiny", "train.max_steps=20",
                                            "train.eval_iters=1", "train.warmup_steps=0", "train.lr=0.01"],
                        out=str(tmp_path_factory.mktemp("gpt") / "run"))
+
+
+@pytest.fixture(scope="module")
+def onnx_cnn_run(cnn_run, tmp_path_factory) -> Path:
+    """A copy of cnn_run with its model exported (cnn_run itself stays without model.onnx)."""
+    from nnlab.export import export
+
+    run = tmp_path_factory.mktemp("onnx") / "run"
+    shutil.copytree(cnn_run, run)
+    export(run)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +156,7 @@ def test_batcher_gives_each_request_its_own_row(cnn_run):
     from nnlab.serve.model import ServedModel
 
     served = ServedModel(cnn_run)
-    images = [torch.from_numpy(p)[None] for p, _ in sample_images()] * 4  # 16 requests
+    images = [served.image(pixels=p.tolist()).x[0] for p, _ in sample_images()] * 4  # 16 requests
     batcher = Batcher(served.probabilities, max_batch=8, wait_ms=200)
     try:
         futures = [batcher.submit(x) for x in images]
@@ -154,6 +166,72 @@ def test_batcher_gives_each_request_its_own_row(cnn_run):
     assert batcher.items == 16 and batcher.batches == 2  # all queued within the wait: two full batches
     for x, row in zip(images, rows):
         torch.testing.assert_close(row, served.probabilities(x[None])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_file_gives_the_same_answer_from_predict_and_the_server(cnn_run, cnn_client, cli_main, tmp_path):
+    """One conversion for both: a wide RGB photo-like PNG (dark object on white) is padded, inverted
+    and resized the same way, so the probabilities and the steps reported are the same."""
+    pixels, label = sample_images()[3]
+    wide = np.full((28, 40), 7, dtype=np.uint8)
+    wide[:, 6:34] = pixels
+    path = tmp_path / "wide.png"
+    path.write_bytes(png(255 - wide, "RGB", (80, 56)))
+    for flag, query in (([], ""), (["--no-invert"], "&invert=false"), (["--invert"], "&invert=true")):
+        rc, out, err = cli_main("predict", cnn_run, path, "--top-k", "10", "--json", *flag)
+        assert rc == 0, err
+        want = json.loads(out)["predictions"][0]
+        got = cnn_client.post(f"/v1/classify?top_k=10{query}", files={"file": ("wide.png", path.read_bytes())}).json()
+        assert [c["index"] for c in got["classes"]] == [c["index"] for c in want["top_k"]]
+        assert [c["probability"] for c in got["classes"]] == pytest.approx(
+            [c["probability"] for c in want["top_k"]], abs=1e-6)
+        assert got["conversion"] == want["conversion"]
+    assert any(s.startswith("padded 80x56 -> 80x80") for s in got["conversion"]), got["conversion"]
+    auto = cnn_client.post("/v1/classify", files={"file": ("wide.png", path.read_bytes())}).json()
+    assert any(s.startswith("inverted (light background") for s in auto["conversion"])
+    assert auto["classes"][0]["index"] == label  # inverted back to what the model was trained on
+
+
+def test_onnxruntime_backend_gives_the_torch_probabilities(cnn_run, onnx_cnn_run, cnn_client, cli_main):
+    rc, _, err = cli_main("serve", cnn_run, "--backend", "onnxruntime", "--port", "0")  # never exported
+    one_line_error(rc, err, "model.onnx", f"nnlab export {cnn_run} --format onnx")
+    rc, _, err = cli_main("serve", cnn_run, "--backend", "tensorrt", "--port", "0")
+    one_line_error(rc, err, "--backend", "tensorrt")
+    run = onnx_cnn_run
+    with TestClient(create_app(run, backend="onnxruntime")) as onnx_client:
+        for pixels, _ in sample_images():
+            body = {"json": {"pixels": pixels.tolist()}}
+            want, got = (c.post("/v1/classify?top_k=10", **body).json() for c in (cnn_client, onnx_client))
+            assert [c["index"] for c in got["classes"]] == [c["index"] for c in want["classes"]]
+            assert [c["probability"] for c in got["classes"]] == pytest.approx(
+                [c["probability"] for c in want["classes"]], abs=1e-4)
+            assert got["conversion"] == want["conversion"]
+        r = onnx_client.post("/v1/classify?saliency=true", json={"pixels": pixels.tolist()})
+        assert r.status_code == 400 and "--backend torch" in r.json()["detail"]
+        card = onnx_client.get("/v1/model").json()
+        assert card["backend"] == "onnxruntime" and card["saliency"] is False
+        assert card["parameters"] == cnn_client.get("/v1/model").json()["parameters"]
+        assert onnx_client.get("/healthz").json()["batched_items"] == len(sample_images())
+
+
+def test_onnxruntime_backend_generates_the_torch_tokens(gpt_run, tmp_path):
+    """A gpt export has no KV cache: each token reruns the context, and the tokens are torch's."""
+    from nnlab.export import export
+
+    run = tmp_path / "run"
+    shutil.copytree(gpt_run, run)
+    export(run)
+    with TestClient(create_app(run, backend="onnxruntime")) as client:
+        block = nnlab.load(run)[1]["model"]["block_size"]
+        n = block + 10  # past block_size the context is cropped, as generate does without a cache
+        r = client.post("/v1/generate", json={"prompt": "First", "max_new_tokens": n, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["text"] == generate_text(gpt_run, "First", n, temperature=0)
+        streamed = client.post("/v1/generate", json={"prompt": "First", "max_new_tokens": 12, "stream": True})
+        events = parse_events(streamed.text)
+        assert len(events) == 13 and events[-1] == ("done", {"text": generate_text(gpt_run, "First", 12)})
+        assert client.get("/v1/model").json()["backend"] == "onnxruntime"
+        r = client.post("/v1/classify", json={"pixels": pixels28})
+        assert r.status_code == 400 and "needs an image classifier" in r.json()["detail"]
 
 
 # ---- generate and the model card ----------------------------------------------------------------
@@ -423,11 +501,10 @@ def open_page(browser, port: int, found: dict):
     return page
 
 
-def test_the_page_in_headless_chromium(cnn_run, gpt_run, tmp_path):
-    """Draw and upload on a classifier's page, stream text on a language model's page; screenshots
-    are saved (and copied into $NNLAB_SERVE_SCREENSHOTS when set)."""
+def test_the_page_in_headless_chromium(cnn_run, gpt_run, onnx_cnn_run, tmp_path):
+    """Draw and upload on a classifier's page (torch and onnxruntime backends), stream text on a
+    language model's page; screenshots are saved (and copied into $NNLAB_SERVE_SCREENSHOTS when set)."""
     import os
-    import shutil
 
     from playwright.sync_api import sync_playwright
 
@@ -497,10 +574,20 @@ def test_the_page_in_headless_chromium(cnn_run, gpt_run, tmp_path):
             page.wait_for_function("document.body.dataset.state === 'generated'")
             assert page.text_content("#output") == generate_text(gpt_run, "First", 40, temperature=0)
             page.screenshot(path=tmp_path / "page-generate.png")
+
+            # On the onnxruntime backend the page asks no saliency (it has no gradients) and still classifies.
+            with live_server(create_app(onnx_cnn_run, backend="onnxruntime")) as onnx_port:
+                page = open_page(browser, onnx_port, found)
+                page.wait_for_selector("#classifier:not([hidden])")
+                page.set_input_files("#file", tmp_path / "upload.png")
+                page.wait_for_function("document.body.dataset.state === 'classified'")
+                assert page.eval_on_selector("#bars .bar", "b => b.dataset.name") == top
+                assert page.text_content("#error") == ""
+                page.screenshot(path=tmp_path / "page-onnx.png")
         finally:
             browser.close()
     assert found == {"elsewhere": [], "console_errors": []}
-    for shot in ("page-draw.png", "page-upload.png", "page-generate.png"):
+    for shot in ("page-draw.png", "page-upload.png", "page-generate.png", "page-onnx.png"):
         assert (tmp_path / shot).read_bytes().startswith(b"\x89PNG")
         if os.environ.get("NNLAB_SERVE_SCREENSHOTS"):
             shutil.copy(tmp_path / shot, os.environ["NNLAB_SERVE_SCREENSHOTS"])

@@ -99,7 +99,7 @@ def cmd_export(a) -> None:
 def cmd_serve(a) -> None:
     from nnlab.serve import serve
 
-    kw = {k: getattr(a, k) for k in ("host", "port", "token", "max_batch") if getattr(a, k) is not None}
+    kw = {k: getattr(a, k) for k in ("host", "port", "token", "max_batch", "backend") if getattr(a, k) is not None}
     if a.max_new_tokens is not None:
         kw["max_new_tokens_cap"] = a.max_new_tokens
     serve(a.run_dir, **kw)
@@ -211,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default 1000)")
     v.add_argument("--max-batch", type=int, help="classify requests batched into one forward pass, at most "
                    "(default 32; 1 = one at a time)")
+    v.add_argument("--backend", help="torch (default) or onnxruntime: run RUN_DIR/model.onnx from `nnlab export` "
+                   "(no saliency; generation reruns the context per token, no KV cache)")
     sub.add_parser("recipes", help="list the shipped recipes")
     k = sub.add_parser("keys", help="list every config key with its type, default and doc")
     k.add_argument("--model", help="only this model's keys (default: every model's)")

@@ -4,8 +4,10 @@ language model. The image preprocessing here is the one the server shares.
 An image of any size, mode or channel count becomes the model's input in these steps, each
 reported back in words (`ModelInput.conversion`) so nothing happens silently:
 
-  1. decode (PNG or JPEG only); 16-bit grey scaled to 8 bits; transparency composited onto black,
-     the training images' background;
+  1. decode (PNG or JPEG only, or rows of 0-255 values); an image over MAX_PIXELS (the server sets
+     a lower limit) is refused from its header, before its pixels are decoded, and Pillow's
+     decompression-bomb guard refuses headers far beyond that; 16-bit grey scaled to 8 bits;
+     transparency composited onto black, the training images' background;
   2. to the model's channels: ITU-R 601 luma ("L") for a 1-channel model, RGB (grey repeated) for 3;
   3. polarity: the Fashion-MNIST/MNIST convention is a light object on a dark background. With
      invert=None (auto) an image whose one-pixel border is mostly light (mean > 127.5) is taken to
@@ -39,29 +41,22 @@ class ModelInput(NamedTuple):
     conversion: list[str]  # every step taken from the file to x, in words
 
 
-def decode_image(image) -> "PIL.Image.Image":  # noqa: F821
-    """A PIL image from bytes, a path, a PIL image or a uint8 array ((H, W) or (H, W, C)); anything
-    that does not decode as PNG or JPEG is a one-line NnlabError."""
+def decode_image(image, name: str | None = None, max_pixels: int = MAX_PIXELS) -> PIL.Image.Image:  # noqa: F821
+    """A PIL image from bytes, a path, a PIL image or an array of 0-255 values ((H, W) or (H, W, C):
+    numpy, or lists of pixel rows as the server's JSON carries them). Anything that does not decode
+    as PNG or JPEG, or holds more than `max_pixels` pixels, is a one-line NnlabError that starts
+    with `name` (default: the path, "image" for bytes, "pixels" for an array). The pixel count is
+    checked from the header, before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (np.ndarray, list)):
-        try:
-            arr = np.asarray(image)
-        except ValueError:  # ragged rows
-            raise NnlabError("pixels: rows of different lengths") from None
-        if arr.dtype.kind not in "biuf":
-            raise NnlabError(f"pixels: expected numbers, got {arr.dtype}")
-        if arr.ndim not in (2, 3) or arr.size == 0 or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
-            raise NnlabError(f"pixels: expected rows of values (H, W) or (H, W, 1|3|4), got shape {arr.shape}")
-        if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
-            raise NnlabError(f"pixels: {arr.shape[1]}x{arr.shape[0]}, more than {MAX_PIXELS:,} pixels")
-        if not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 255):
-            raise NnlabError("pixels: values must lie in 0..255")
-        arr = np.rint(arr).astype(np.uint8)
-        return Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
-    name = str(image) if isinstance(image, (str, Path)) else "image"
+        return _from_rows(image, name or "pixels", max_pixels)
+    if not isinstance(image, (str, Path, bytes, bytearray, memoryview)):
+        raise NnlabError(f"{name or 'image'}: expected image bytes, a path, a PIL image or pixel rows, "
+                         f"got {type(image).__name__}")
+    name = name or (str(image) if isinstance(image, (str, Path)) else "image")
     try:
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else bytes(image)
     except FileNotFoundError:
@@ -70,23 +65,50 @@ def decode_image(image) -> "PIL.Image.Image":  # noqa: F821
         raise NnlabError(f"{name}: is a folder, not an image file") from None
     except OSError as e:
         raise NnlabError(f"{name}: cannot read ({e.strerror})") from None
+    img = None
     try:
         img = Image.open(io.BytesIO(data))
         if img.format not in FORMATS:
-            raise NnlabError(f"{name}: a {img.format} image; predict reads PNG or JPEG")
-        if img.width * img.height > MAX_PIXELS:
-            raise NnlabError(f"{name}: {img.width}x{img.height} pixels, more than {MAX_PIXELS:,}")
+            raise NnlabError(f"{name}: a {img.format} image; only PNG or JPEG images are read")
+        if img.width * img.height > max_pixels:
+            raise NnlabError(f"{name}: {img.width}x{img.height} pixels is over the limit of {max_pixels:,}")
         img.load()  # decode now: a truncated file fails here, not later
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # a header claiming far more pixels than Pillow's own limit
+        raise NnlabError(f"{name}: its header claims an image too large to decode (a decompression bomb?)") from None
+    except UnidentifiedImageError:
         raise NnlabError(f"{name}: not a PNG or JPEG image (cannot decode it)") from None
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for a damaged file
-        raise NnlabError(f"{name}: a damaged {img.format} image ({e})") from None
+        kind = img.format if img is not None else "PNG or JPEG"
+        raise NnlabError(f"{name}: a damaged {kind} image ({e})") from None
     return img
 
 
-def image_to_input(image, info: dict, invert: bool | None = None) -> ModelInput:
-    """The model input for one image (see the module docstring for the steps), from bytes, a path,
-    a PIL image or a uint8 array, and a classifier's model.json `info`."""
+def _from_rows(rows, name: str, max_pixels: int) -> PIL.Image.Image:  # noqa: F821
+    from PIL import Image
+
+    try:
+        arr = np.asarray(rows)
+    except ValueError:  # ragged rows
+        raise NnlabError(f"{name}: rows of different lengths; every row must have the same length") from None
+    if arr.ndim not in (2, 3) or arr.size == 0 or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise NnlabError(f"{name}: expected rows of values (H, W) or (H, W, 1|3|4), got shape {arr.shape}")
+    if arr.shape[0] * arr.shape[1] > max_pixels:
+        raise NnlabError(f"{name}: {arr.shape[1]}x{arr.shape[0]} pixels is over the limit of {max_pixels:,}")
+    if arr.dtype.kind not in "biuf":
+        raise NnlabError(f"{name}: every value must be a number from 0 to 255 (got {arr.dtype}, not numbers)")
+    if not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 255):
+        raise NnlabError(f"{name}: every value must be a number from 0 to 255 (got {arr.min():g}..{arr.max():g}, "
+                         "outside 0..255)")
+    arr = np.rint(arr).astype(np.uint8)
+    return Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+
+
+def image_to_input(image, info: dict, invert: bool | None = None, name: str | None = None,
+                   max_pixels: int = MAX_PIXELS) -> ModelInput:
+    """The model input for one image (see the module docstring for the steps), from anything
+    decode_image reads (bytes, a path, a PIL image, pixel rows), and a classifier's model.json
+    `info`. `name` and `max_pixels` go to decode_image: the server names the request's field and
+    sets its own, lower, limit."""
     from PIL import Image
 
     from nnlab.data.images import resize_images
@@ -94,7 +116,7 @@ def image_to_input(image, info: dict, invert: bool | None = None) -> ModelInput:
     if info.get("task") != "image":
         raise NnlabError(f"the model takes {info.get('task')} data, not images")
     channels, size = info["model"]["in_channels"], info["model"]["image_size"]
-    img = decode_image(image)
+    img = decode_image(image, name, max_pixels)
     steps = [f"decoded {img.format or 'pixels'} {img.width}x{img.height} {img.mode}"]
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64) * (255.0 / (65535.0 if img.mode != "F" else max(1.0, np.max(img))))

@@ -1,8 +1,11 @@
 """The HTTP API of a run folder's model (FastAPI), and `serve`, which runs it under uvicorn.
 
     POST /v1/classify   an image (multipart field `file`, PNG or JPEG) or JSON {"pixels": [[...], ...]}
-                        -> {"classes": [{"index", "name", "probability"}, ...]} (top_k of them), and with
-                        ?saliency=true the map |d logit_c / d x| of the top class c (rows, or a PNG)
+                        -> {"classes": [{"index", "name", "probability"}, ...] (top_k of them),
+                        "conversion": [steps from the image to the model input, in words]}, and with
+                        ?saliency=true the map |d logit_c / d x| of the top class c (rows, or a PNG).
+                        The conversion is `nnlab predict`'s (nnlab.predict.image_to_input); ?invert=
+                        true|false forces the inversion it otherwise decides from the background
     POST /v1/generate   JSON {prompt, max_new_tokens, temperature, top_k, seed, stream} -> {"text", ...};
                         stream=true: server-sent events, one `data: {"text": ...}` per token, then
                         `event: done`
@@ -62,14 +65,16 @@ CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
 
 
 def create_app(run_dir: str | Path, token: str | None = None, max_new_tokens_cap: int = 1000,
-               max_body_bytes: int = 8 * 2**20, max_batch: int = 32, batch_wait_ms: float = 0.0) -> FastAPI:
+               max_body_bytes: int = 8 * 2**20, max_batch: int = 32, batch_wait_ms: float = 0.0,
+               backend: str = "torch") -> FastAPI:
     """The API for the model in `run_dir`. With a token, every request but /healthz must send
     `Authorization: Bearer TOKEN`. max_batch > 1 batches concurrent classify requests (up to
     max_batch images: those already waiting, plus any that arrive within batch_wait_ms; see
-    batching.py); 1 runs each request on its own."""
+    batching.py); 1 runs each request on its own. backend "onnxruntime" runs RUN_DIR/model.onnx
+    (`nnlab export`): no saliency, and generation without a KV cache (see model.py)."""
     if max_new_tokens_cap < 0 or max_body_bytes < 1 or max_batch < 1 or batch_wait_ms < 0:
         raise NnlabError("serve: max_new_tokens_cap >= 0, max_body_bytes >= 1, max_batch >= 1, batch_wait_ms >= 0")
-    served = ServedModel(run_dir)
+    served = ServedModel(run_dir, backend)
     batcher = (Batcher(served.probabilities, max_batch, batch_wait_ms)
                if served.is_classifier and max_batch > 1 else None)
 
@@ -100,24 +105,28 @@ def create_app(run_dir: str | Path, token: str | None = None, max_new_tokens_cap
 
     @app.post("/v1/classify", openapi_extra=CLASSIFY_BODY)
     async def classify(request: Request, top_k: int = Query(5, ge=1, description="how many classes to return"),
-                       saliency: bool = Query(False, description="add |d logit / d input| of the top class"),
+                       invert: bool | None = Query(None, description="invert the image's brightness (default: "
+                                                   "only an image on a light background; the model expects light "
+                                                   "on dark), as `nnlab predict --invert/--no-invert`"),
+                       saliency: bool = Query(False, description="add |d logit / d input| of the top class "
+                                              "(the torch backend only)"),
                        saliency_format: Literal["rows", "png"] = Query("rows", description="a list of rows, "
                                                                         "or a base64 PNG scaled to its maximum")):
         if not served.is_classifier:
             raise BadRequest(f"this server holds a {served.kind} model; /v1/classify needs an image classifier")
-        image = await run_in_threadpool(served.image, **await _image_fields(request))
-        answer = {}
+        image = await run_in_threadpool(served.image, **await _image_fields(request), invert=invert)
+        answer = {"conversion": image.conversion}
         if saliency:
-            probs, saliency_map = await run_in_threadpool(served.saliency, image)
+            probs, saliency_map = await run_in_threadpool(served.saliency, image.x)
             answer["saliency"] = (png_base64(saliency_map) if saliency_format == "png"
                                   else [[round(float(v), 6) for v in row] for row in saliency_map])
         elif batcher is not None:
             try:
-                probs = await asyncio.wrap_future(batcher.submit(image))
+                probs = await asyncio.wrap_future(batcher.submit(image.x[0]))
             except QueueFull:
                 raise HTTPException(503, "too many classify requests waiting; try again shortly") from None
         else:
-            probs = (await run_in_threadpool(served.probabilities, image.unsqueeze(0)))[0]
+            probs = (await run_in_threadpool(served.probabilities, image.x))[0]
         return {"classes": served.top_classes(probs, top_k), **answer}
 
     @app.post("/v1/generate", dependencies=[Depends(_json_body)])

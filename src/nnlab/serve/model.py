@@ -4,6 +4,16 @@ Everything here is synchronous CPU work (decode an image, a forward pass, a grad
 step); the app runs it off the event loop. The weights are frozen (requires_grad False): requests
 never train, concurrent forward passes then build no graph through the parameters, and a saliency
 map's gradient reaches only its own input.
+
+Images become the model's input through nnlab.predict.image_to_input, the conversion `nnlab
+predict` uses, so a file gives the same probabilities from either. Its automatic inversion (an
+image on a light background is inverted) leaves the page's canvas, light strokes on black, as
+drawn; a request can force it either way (?invert=true|false).
+
+Backends: "torch" runs the run's PyTorch model; "onnxruntime" runs RUN_DIR/model.onnx (written by
+`nnlab export`). onnxruntime gives no gradients, so it answers no saliency request; a language
+model's export has no KV cache, so generation reruns the whole (cropped) context for every token,
+as nnlab.generate does with use_cache=False, and gives the same tokens as the torch backend.
 """
 
 from __future__ import annotations
@@ -13,17 +23,19 @@ import inspect
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from nnlab.config import read_yaml
 from nnlab.errors import NnlabError
 from nnlab.generate import generate_stream, generate_text
-from nnlab.runfolder import CONFIG, SUMMARY, load, read_json
+from nnlab.predict import ModelInput, image_to_input
+from nnlab.runfolder import CONFIG, MODEL_INFO, ONNX_MODEL, SUMMARY, load, read_json
 
-MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused before their pixels are decoded
+BACKENDS = ("torch", "onnxruntime")
+MAX_IMAGE_PIXELS = 4096 * 4096  # per request, below predict's limit: many requests decode at once
 # The sampling defaults of `nnlab generate`, declared once in generate_text.
 GENERATE_DEFAULTS = {k: p.default for k, p in inspect.signature(generate_text).parameters.items()
                      if k in ("max_new_tokens", "temperature", "top_k", "seed")}
@@ -31,54 +43,6 @@ GENERATE_DEFAULTS = {k: p.default for k, p in inspect.signature(generate_text).p
 
 class BadRequest(NnlabError):
     """A request the model cannot answer; the message says why (the app sends it as a 4xx)."""
-
-
-def decode_image(data: bytes | None = None, pixels=None, in_channels: int = 1, image_size: int = 28) -> Tensor:
-    """An uploaded PNG/JPEG file or a JSON list of pixel rows -> uint8 (C, H, W), the model's input size.
-
-    Conversion: Pillow's "L" (ITU-R 601 luma) for one channel or "RGB" for three; then a bilinear
-    resize (antialiased when shrinking) to image_size x image_size, aspect ratio not kept; no
-    inversion, so drawings should be light on dark like Fashion-MNIST. `pixels` is a list of equal
-    rows of 0-255 numbers (grey).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if pixels is not None:
-        image = Image.fromarray(_pixel_rows(pixels), mode="L")
-    else:
-        try:
-            image = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
-        except Image.DecompressionBombError as e:  # a header claiming far more pixels than MAX_IMAGE_PIXELS
-            raise BadRequest(f"file: {e}") from None
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise BadRequest("file: not a PNG or JPEG image that Pillow can decode") from None
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise BadRequest(f"file: {image.width}x{image.height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
-        try:
-            image.load()
-        except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data after the header
-            raise BadRequest(f"file: the image does not decode ({e})") from None
-    image = image.convert("L" if in_channels == 1 else "RGB")
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()  # (C, H, W)
-
-
-def _pixel_rows(pixels) -> np.ndarray:
-    if not (isinstance(pixels, list) and pixels and all(isinstance(r, list) and r for r in pixels)):
-        raise BadRequest("pixels: must be a non-empty list of non-empty rows of numbers 0-255")
-    if len({len(r) for r in pixels}) != 1:
-        raise BadRequest("pixels: every row must have the same length")
-    if len(pixels) * len(pixels[0]) > MAX_IMAGE_PIXELS:
-        raise BadRequest(f"pixels: {len(pixels)}x{len(pixels[0])} is over the limit of {MAX_IMAGE_PIXELS} pixels")
-    try:
-        values = np.asarray(pixels, dtype=np.float64)
-    except (TypeError, ValueError):  # a string or a nested list among the values
-        values = None
-    if values is None or values.ndim != 2 or not np.all((values >= 0) & (values <= 255)):  # NaN fails too
-        raise BadRequest("pixels: every value must be a number from 0 to 255")
-    return np.rint(values).astype(np.uint8)
 
 
 def png_base64(values: Tensor) -> str:
@@ -95,11 +59,19 @@ def png_base64(values: Tensor) -> str:
 class ServedModel:
     """A run folder's model, its model.json, and what the endpoints ask of it."""
 
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.model, self.info = load(self.run_dir)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+    def __init__(self, run_dir: str | Path, backend: str = "torch"):
+        self.run_dir, self.backend = Path(run_dir), backend
+        if backend == "torch":
+            self.model, self.info = load(self.run_dir)
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self.parameters = sum(p.numel() for p in self.model.parameters())
+        elif backend == "onnxruntime":
+            self.session, self.info, self.parameters = _onnx_model(self.run_dir)
+            if self.info.get("task") == "text":
+                self.model = OnnxLanguageModel(self.session, self.info["model"]["block_size"])
+        else:
+            raise NnlabError(f"--backend: unknown {backend!r}; choose from {', '.join(BACKENDS)}")
         self.task = self.info.get("task")
         self.tokens_generated = 0  # by every request so far: a stopped stream stops this count
         self.is_classifier = self.task == "image"
@@ -111,7 +83,6 @@ class ServedModel:
         if self.is_classifier:
             self.classes = self.info["classes"]
             self.in_channels, self.image_size, _ = self.info["input_shape"]
-            self.mean, self.std = self.info["normalize"]["mean"], self.info["normalize"]["std"]
 
     @property
     def kind(self) -> str:
@@ -123,7 +94,8 @@ class ServedModel:
         summary = read_json(self.run_dir / SUMMARY) if (self.run_dir / SUMMARY).exists() else {}
         metrics = {k: v for k, v in summary.items() if k.startswith(("test_", "val_"))}
         card = {"run": self.run_dir.name, "task": self.task, "architecture": self.info["model"],
-                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "parameters": self.parameters, "backend": self.backend,
+                "saliency": self.is_classifier and self.backend == "torch",
                 "recipe": summary.get("recipe"), "data": config.get("data"), "test_metrics": metrics,
                 "training": {"steps": summary.get("steps"), "precision": summary.get("precision"),
                              "precision_reason": summary.get("precision_reason"),
@@ -139,24 +111,34 @@ class ServedModel:
 
     # ---- classification -------------------------------------------------------------------------
 
-    def image(self, data: bytes | None = None, pixels=None) -> Tensor:
-        """A request's image as uint8 (C, H, W) at the model's input size."""
+    def image(self, data: bytes | None = None, pixels=None, invert: bool | None = None) -> ModelInput:
+        """A request's image (uploaded PNG/JPEG bytes, or JSON pixel rows) as the model's normalised
+        input (1, C, H, W) and the conversion steps, exactly as `nnlab predict` converts a file."""
         if not self.is_classifier:
             raise BadRequest(f"this server holds a {self.kind} model; /v1/classify needs an image classifier")
-        return decode_image(data, pixels, self.in_channels, self.image_size)
+        if data is None and not isinstance(pixels, list):  # never a str: the library reads a str as a path
+            raise BadRequest("pixels: must be a list of rows of numbers 0-255")
+        try:
+            return image_to_input(data if data is not None else pixels, self.info, invert,
+                                  name="file" if data is not None else "pixels", max_pixels=MAX_IMAGE_PIXELS)
+        except NnlabError as e:
+            raise BadRequest(str(e)) from None
 
-    def _normalise(self, images: Tensor) -> Tensor:
-        return (images.float() / 255.0 - self.mean) / self.std  # as training saw them (ImageData.normalize)
-
-    def probabilities(self, images: Tensor) -> Tensor:
-        """uint8 (B, C, H, W) -> class probabilities (B, num_classes)."""
+    def probabilities(self, x: Tensor) -> Tensor:
+        """Normalised inputs (B, C, H, W) -> class probabilities (B, num_classes)."""
+        if self.backend == "onnxruntime":
+            logits = torch.from_numpy(self.session.run(None, {"x": x.numpy()})[0])
+            return torch.softmax(logits.float(), dim=-1)
         with torch.inference_mode():
-            return torch.softmax(self.model(self._normalise(images)).float(), dim=-1)
+            return torch.softmax(self.model(x).float(), dim=-1)
 
-    def saliency(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """(class probabilities (num_classes,), |d logit_c / d x| (H, W)) for one uint8 (C, H, W) image,
-        c the top class and x the normalised model input, the largest over the channels."""
-        x = self._normalise(image.unsqueeze(0)).requires_grad_(True)
+    def saliency(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(class probabilities (num_classes,), |d logit_c / d x| (H, W)) for one normalised input
+        (1, C, H, W), c the top class, the largest over the channels."""
+        if self.backend != "torch":
+            raise BadRequest(f"saliency: needs gradients, which the {self.backend} backend does not give; "
+                             "serve with --backend torch")
+        x = x.clone().requires_grad_(True)
         with torch.enable_grad():
             logits = self.model(x).float()
             top = int(logits.argmax(dim=-1))
@@ -172,7 +154,8 @@ class ServedModel:
 
     def token_stream(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
                      seed: int) -> Iterator[str]:
-        """The text each new token adds to `prompt`, token by token (KV-cached, nnlab.generate)."""
+        """The text each new token adds to `prompt`, token by token (nnlab.generate; KV-cached with
+        the torch backend)."""
         if not self.is_language_model:
             raise BadRequest(f"this server holds a {self.kind} model; /v1/generate needs a language model")
         if not prompt:
@@ -183,7 +166,7 @@ class ServedModel:
             raise BadRequest(f"prompt: {str(e).removeprefix('data: ')}") from None
         tokens = generate_stream(self.model, torch.tensor([ids], dtype=torch.long), max_new_tokens,
                                  temperature=temperature, top_k=top_k,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 generator=torch.Generator().manual_seed(seed), use_cache=self.backend == "torch")
         return self._texts(tokens)
 
     def _texts(self, tokens: Iterator[Tensor]) -> Iterator[str]:
@@ -202,3 +185,46 @@ class ServedModel:
         finally:
             tokens.close()  # frees the KV cache now, not when the garbage collector finds it
 
+
+
+def _onnx_model(run_dir: Path):
+    """(an onnxruntime session of RUN_DIR/model.onnx, model.json, the parameter count) for a model
+    exported by `nnlab export`; the run's weights file is not read."""
+    from nnlab.export import session
+
+    try:
+        info = read_json(run_dir / MODEL_INFO)
+    except NnlabError:
+        raise NnlabError(f"{run_dir}: no readable {MODEL_INFO} (not a finished run folder?)") from None
+    if info.get("task") not in ("image", "text"):
+        raise NnlabError(f"--backend onnxruntime: serves image classifiers and language models; {run_dir} "
+                         f"holds a {info.get('task')} model: serve it with --backend torch")
+    path = run_dir / ONNX_MODEL
+    if not path.is_file():
+        raise NnlabError(f"{path}: missing; make it with `nnlab export {run_dir} --format onnx`")
+    try:
+        sess = session(path)
+    except NnlabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own error types for a damaged file
+        raise NnlabError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+    return sess, info, _parameters(info)
+
+
+def _parameters(info: dict) -> int:
+    """The parameter count of model.json's architecture (built untrained: no weights are read)."""
+    from nnlab.config import parse_model
+    from nnlab.models import build_model
+
+    return sum(p.numel() for p in build_model(parse_model(info["model"])).parameters())
+
+
+class OnnxLanguageModel:
+    """An exported language model as generate_stream calls it without a cache: idx (B, T), T at most
+    cfg.block_size -> logits (B, T, vocab)."""
+
+    def __init__(self, session, block_size: int):
+        self.session, self.cfg = session, SimpleNamespace(block_size=block_size)
+
+    def __call__(self, idx: Tensor) -> Tensor:
+        return torch.from_numpy(self.session.run(None, {"idx": idx.numpy()})[0])

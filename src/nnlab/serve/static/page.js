@@ -5,6 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const SIZE = 28; // the grid the drawing is reduced to; the server resizes to the model's input
+let classifyPath = "v1/classify?top_k=10&saliency=true"; // without saliency where the backend has none
 
 function showError(message) {
   $("error").textContent = message || "";
@@ -28,6 +29,7 @@ async function loadCard() {
     .map(([k, v]) => `${k} ${typeof v === "number" ? v.toFixed(4) : v}`).join(", ");
   $("card").textContent = `${card.architecture.name}, ${card.parameters.toLocaleString()} parameters, ` +
     `${card.task} task (run ${card.run})${metrics ? "; " + metrics : ""}`;
+  if (card.task === "image" && !card.saliency) classifyPath = "v1/classify?top_k=10";
   if (card.task === "image") setUpClassifier();
   if (card.task === "text") setUpGenerator(card);
 }
@@ -75,7 +77,7 @@ function gridOf(canvas) {
 async function classifyDrawing(canvas) {
   showError("");
   const pixels = gridOf(canvas);
-  const response = await api("v1/classify?top_k=10&saliency=true", {
+  const response = await api(classifyPath, {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({pixels}),
   });
   show(await response.json(), (ctx, w, h) => drawGrey(ctx, pixels, w, h));
@@ -86,10 +88,13 @@ async function classifyFile(file) {
   showError("");
   const form = new FormData();
   form.append("file", file);
-  const response = await api("v1/classify?top_k=10&saliency=true", {method: "POST", body: form});
+  const response = await api(classifyPath, {method: "POST", body: form});
   const answer = await response.json();
   const bitmap = await createImageBitmap(file);
-  show(answer, (ctx, w, h) => ctx.drawImage(bitmap, 0, 0, w, h));
+  // Centred at its own aspect ratio, as the server pads it square, so the saliency map lies over it.
+  const side = Math.max(bitmap.width, bitmap.height);
+  show(answer, (ctx, w, h) => ctx.drawImage(bitmap, (side - bitmap.width) / 2 * w / side,
+    (side - bitmap.height) / 2 * h / side, bitmap.width * w / side, bitmap.height * h / side));
 }
 
 function drawGrey(ctx, rows, w, h) {
@@ -106,7 +111,7 @@ function show(answer, drawInput) {
   ctx.fillStyle = "#000";
   ctx.fillRect(0, 0, canvas.width, canvas.height);
   drawInput(ctx, canvas.width, canvas.height);
-  const map = answer.saliency;
+  const map = answer.saliency || [[0]];
   const peak = Math.max(...map.flat()) || 1;
   const cw = canvas.width / map[0].length, ch = canvas.height / map.length;
   map.forEach((row, y) => row.forEach((v, x) => {
