@@ -48,7 +48,7 @@ EPS = (0.1, 0.2, 0.3)  # the fixture's classes are bright blocks: small eps leav
 @pytest.mark.parametrize("method", at.METHODS)
 def test_perturbation_stays_in_the_ball_and_in_pixels(case, method):
     fn, _, x, y, _ = case
-    for eps in EPS:
+    for eps in EPS[::2]:
         x_adv = at.perturb(fn, x, y, method, eps, steps=5, restarts=2)
         assert (x_adv - x).abs().max() <= eps + 1e-6
         assert x_adv.min() >= 0 and x_adv.max() <= 1
@@ -120,7 +120,7 @@ def test_the_kernels_change_no_attack_result(case, no_kernels):
     if not build.status()["ops"]["conv1_pool2x2"]:
         pytest.skip("the conv kernels do not run on this CPU")
     fn, _, x, y, _ = case
-    run = lambda: [at.accuracy(fn, at.perturb(fn, x, y, m, e, 5, 1), y) for m in at.METHODS for e in EPS]  # noqa: E731
+    run = lambda: [at.accuracy(fn, at.perturb(fn, x, y, m, e, 5, 1), y) for m in at.METHODS for e in EPS[1:]]  # noqa: E731
     build._used.discard("conv1_pool2x2")  # ran in training; it must run again here
     with_kernels = run()
     assert "conv1_pool2x2" in build.used(), "the kernel never ran: the comparison would be vacuous"
@@ -197,3 +197,59 @@ def test_bad_input_is_a_one_line_error_and_loses_nothing(name, seed_run, table_r
     rc, out, err = cli_main("attack", run, *args)
     one_line_error(rc, err, needle)
     assert _snapshot(run) == before
+
+
+# ---- adversarial training (train.adversarial=pgd) ---------------------------------------------------
+
+def test_training_batches_are_adversarial(seed_run, fmnist_dir):
+    """adversarial_batch moves each image at most eps in pixels, stays in [0, 1], raises the loss,
+    and leaves the model in training mode."""
+    from nnlab.config import load_config
+    from nnlab.tasks import make_task
+    from nnlab.train.adversarial import adversarial_batch
+
+    model, _ = nnlab.runfolder.load(seed_run)
+    cfg = load_config("seed-cnn", None, [f"data.dir={fmnist_dir}", "train.adversarial=pgd",
+                                         "train.adversarial_eps=0.2", "train.adversarial_steps=5"])
+    task = make_task(cfg)
+    x, y = task.batch(0, 0, 64)
+    model.train()
+    x_adv = adversarial_batch(model, x, y, task, 0, 0)
+    assert model.training
+    mean, std = task.data.mean, task.data.std
+    pixels, adv_pixels = x * std + mean, x_adv * std + mean
+    assert (adv_pixels - pixels).abs().max() <= 0.2 + 1e-5
+    assert adv_pixels.min() >= -1e-6 and adv_pixels.max() <= 1 + 1e-6
+    model.eval()
+    with torch.no_grad():
+        assert task.loss(model(x_adv), y) > task.loss(model(x), y) + 0.1
+    assert torch.equal(adversarial_batch(model, x, y, task, 0, 0), x_adv)  # a pure function of (seed, step, row)
+
+
+def test_adversarial_training_gives_a_more_robust_model(fmnist_dir, tmp_path):
+    """The same tiny run with and without train.adversarial=pgd: the loop trains on the adversarial
+    batch (its logged loss is higher) and the result resists PGD at the training eps better."""
+    sets = [f"data.dir={fmnist_dir}", "train.max_steps=40", "train.batch_size=32", "train.lr=0.02",
+            "train.momentum=0.9", "train.precision=fp32", "train.log_every=1", "train.eval_every=1000"]
+    plain = nnlab.train("seed-cnn", sets, out=str(tmp_path / "plain"))
+    robust = nnlab.train("seed-cnn", [*sets, "train.adversarial=pgd", "train.adversarial_eps=0.2",
+                                      "train.adversarial_steps=2"], out=str(tmp_path / "robust"))
+    first = [json.loads((r / "metrics.jsonl").read_text().splitlines()[0]) for r in (plain, robust)]
+    assert first[0]["step"] == first[1]["step"] == 1 and first[1]["loss"] > first[0]["loss"], first
+    acc = {}
+    for name, run in (("plain", plain), ("robust", robust)):
+        model, info = nnlab.runfolder.load(run)
+        x, y, _, _ = at.test_pixels(run, 100)
+        fn = at.pixel_model(model, info)
+        acc[name] = at.accuracy(fn, at.perturb(fn, x, y, "pgd", 0.2, 5, 1), y)
+    assert acc["robust"] > acc["plain"] + 0.1, acc
+
+
+@pytest.mark.parametrize("sets, needle", [(["data.name=wine"], "takes image data"),
+                                          (["train.adversarial_eps=2"], "above 1")])
+def test_adversarial_training_refuses_what_it_cannot_do(sets, needle, cli_main):
+    from conftest import one_line_error
+
+    rc, _, err = cli_main("train", "mlp-tabular" if "wine" in sets[0] else "cnn", "--set", "train.adversarial=pgd",
+                          *[a for s in sets for a in ("--set", s)])
+    one_line_error(rc, err, "train.adversarial", needle)

@@ -124,6 +124,12 @@ class TrainConfig:
     max_bad_steps: int = documented(0, "skip up to this many NaN/Inf losses instead of stopping", non_negative=True)
     strategy: str = documented("ddp", "under torchrun: ddp (replicate) or fsdp (shard with FSDP2 fully_shard)",
                                choices=("ddp", "fsdp"))
+    adversarial: str = documented("none", "images: pgd trains on each batch's PGD adversarial version (Madry et al., "
+                                  "2018; nnlab/train/adversarial.py)", choices=("none", "pgd"))
+    adversarial_eps: float = documented(0.1, "train.adversarial: L-infinity radius in pixel units, in (0, 1]",
+                                        positive=True)
+    adversarial_steps: int = documented(7, "train.adversarial: PGD steps of 2.5 eps / steps from a random start",
+                                        positive=True)
 
 
 ModelConfig = Any  # a registered model's config dataclass (nnlab.models), e.g. GPTConfig
@@ -358,7 +364,14 @@ def build_config(d: dict) -> Config:
     if cfg.data.name == "csv" and not cfg.data.target:
         raise ConfigError("data.target: data.name=csv needs the name of the target column")
     _check_data(cfg.data)
+    if t.adversarial != "none" and (cfg.data.name not in IMAGE_DATA or t.adversarial_eps > 1):
+        what = f"is {t.adversarial_eps}, above 1 (pixel units)" if t.adversarial_eps > 1 else (
+            f"takes image data, not data.name={cfg.data.name}")
+        raise ConfigError(f"train.adversarial: {what}")
     return cfg
+
+
+IMAGE_DATA = ("fashion-mnist", "mnist", "digits")
 
 
 def _check_data(d: DataConfig) -> None:

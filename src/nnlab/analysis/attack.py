@@ -19,9 +19,11 @@ normalisation. The model is in eval mode during the attack (BatchNorm's running 
 dropout) and its mode is restored afterwards.
 
 Kernels: the gradient steps feed inputs that require a gradient, which conv1_pool2x2 declines (it
-computes no input gradient), so those passes take torch's functional path; the final predictions
-run without a gradient and may take the kernel. Both paths compute the same function up to float
-rounding; tests/test_attack.py holds the accuracies equal with and without the kernels.
+computes no input gradient), so a first one-channel conv takes torch's functional path there and
+the kernel only in the final predictions, which need no gradient; the later channels-last layers
+take pool2x2 and conv3x3_pool2x2 (both with their own backward) in every pass. The paths compute
+the same function up to float rounding; tests/test_attack.py holds the accuracies under attack
+equal with and without the kernels.
 
 Gradient-masking guard (Carlini et al., 2019, "On evaluating adversarial robustness"), run with every
 attack on the first GUARD_SAMPLES images; a failed check is a warning in the output and in the JSON:
@@ -79,6 +81,11 @@ class PixelModel(nn.Module):
 
 
 def pixel_model(model: nn.Module, info: dict) -> PixelModel:
+    """The attacked function of a loaded run (model.json's `info`). A convolutional model is moved to
+    channels-last in place, as the fast recipes train: nnlab's pool and conv3x3 kernels take
+    channels-last tensors only, and in the gradient passes they are the ones that run."""
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model.to(memory_format=torch.channels_last)
     norm = info.get("normalize", {"mean": 0.0, "std": 1.0})
     return PixelModel(model, float(norm["mean"]), float(norm["std"]))
 
@@ -121,14 +128,16 @@ def pgd(fn: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = DEFAULT_ST
     a = STEP_FACTOR * eps / steps if step_size is None else step_size
     gen = torch.Generator().manual_seed(seed)
     lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)  # the ball within [0, 1]
-    best, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+    best, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(restarts):
         x_adv = x.clone()
         if random_init:
-            x_adv = torch.minimum(torch.maximum(x + (2 * torch.rand(x.shape, generator=gen) - 1) * eps, lo), hi)
+            x_adv = torch.minimum(torch.maximum(x + (2 * torch.rand(x.shape, generator=gen).to(x.device) - 1) * eps, lo), hi)
         for _ in range(steps):
             x_adv = x_adv + a * loss_gradient(fn, x_adv, y).sign()
             x_adv = torch.minimum(torch.maximum(x_adv, lo), hi).detach()
+        if restarts == 1:  # nothing to choose between
+            return x_adv
         with torch.no_grad():
             wrong = fn(x_adv).argmax(1) != y
         keep = ~fooled  # images not yet broken take this restart's result
