@@ -164,6 +164,9 @@ def test_attack_writes_its_files_and_nothing_else(seed_run, tmp_path, cli_main):
     assert result["accuracy"][2] <= result["accuracy"][1] <= result["accuracy"][0]
     assert {c["check"] for c in result["guard"]["checks"]} == {"steps", "restarts", "eps 0.5", "transfer"}
     assert "gradient-masking guard" in out and "PGD-5" in out
+    rc, _, err = cli_main("report", run)  # the report shows the result, figures embedded
+    page = (run / "report.html").read_text()
+    assert rc == 0 and 'id="attack"' in page and "Gradient-masking guard" in page and "attack/pgd.png" in page, err
 
 
 @pytest.fixture(scope="module")

@@ -31,8 +31,8 @@ from pathlib import Path
 from nnlab.errors import NnlabError
 from nnlab.report import analyses, page, sections
 from nnlab.report.sections import Run
-from nnlab.runfolder import (BASELINES, LEARNING_CURVE, METRICS, MODEL_INFO, REPORT, SUMMARY, atomic_write_text, load,
-                             read_config, read_json)
+from nnlab.runfolder import (ATTACK_DIR, BASELINES, LEARNING_CURVE, METRICS, MODEL_INFO, REPORT, SUMMARY,
+                             atomic_write_text, load, read_config, read_json)
 
 
 def read_run(run_dir: str | Path) -> Run:
@@ -115,7 +115,10 @@ def build_report(run_dir: str | Path) -> Path:
         parts.append(analyses.baselines_section(run))
     if kind != "text" or (run.dir / LEARNING_CURVE).exists():
         parts.append(analyses.learning_curve_section(run))
-    parts += [analyses.explain_section(run), sections.efficiency_section(run, model, measured)]
+    parts.append(analyses.explain_section(run))
+    if (run.dir / ATTACK_DIR).is_dir():  # shown once `nnlab attack` has run
+        parts.append(analyses.attack_section(run))
+    parts.append(sections.efficiency_section(run, model, measured))
 
     from nnlab import __version__
 
