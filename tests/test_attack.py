@@ -30,8 +30,9 @@ def _train(recipe: str, sets: list[str], out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def seed_run(tmp_path_factory, fmnist_dir) -> Path:
-    return _train("seed-cnn", [f"data.dir={fmnist_dir}", "train.max_steps=60", "train.batch_size=32", "train.lr=0.02",
-                               "train.momentum=0.9", "train.precision=fp32"], tmp_path_factory.mktemp("attack") / "seed")
+    sets = [f"data.dir={fmnist_dir}", "train.max_steps=60", "train.batch_size=32", "train.lr=0.02",
+            "train.momentum=0.9", "train.precision=fp32"]
+    return _train("seed-cnn", sets, tmp_path_factory.mktemp("attack") / "seed")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,10 @@ def test_the_kernels_change_no_attack_result(case, no_kernels):
     if not build.status()["ops"]["conv1_pool2x2"]:
         pytest.skip("the conv kernels do not run on this CPU")
     fn, _, x, y, _ = case
-    run = lambda: [at.accuracy(fn, at.perturb(fn, x, y, m, e, 5, 1), y) for m in at.METHODS for e in EPS[1:]]  # noqa: E731
+
+    def run():
+        return [at.accuracy(fn, at.perturb(fn, x, y, m, e, 5, 1), y) for m in at.METHODS for e in EPS[1:]]
+
     build._used.discard("conv1_pool2x2")  # ran in training; it must run again here
     with_kernels = run()
     assert "conv1_pool2x2" in build.used(), "the kernel never ran: the comparison would be vacuous"
@@ -131,7 +135,7 @@ def test_the_kernels_change_no_attack_result(case, no_kernels):
 def test_the_guard_flags_masked_gradients(case, seed_run):
     """A model behind a rounding of its input (zero gradient almost everywhere) looks robust to
     white-box PGD; the guard must say so."""
-    fn, model, x, y, info = case
+    fn, _, x, y, info = case
     masked = torch.nn.Sequential(at.PixelModel(torch.nn.Identity(), 0.0, 1.0))
     masked.forward = lambda v: fn(torch.round(v * 4) / 4)
     _, _, x_train, y_train = at.test_pixels(seed_run, 1)
@@ -197,7 +201,7 @@ def test_bad_input_is_a_one_line_error_and_loses_nothing(name, seed_run, table_r
     (run / "attack").mkdir()
     (run / "attack" / "pgd.json").write_text("{}")  # an earlier result to keep
     before = _snapshot(run)
-    rc, out, err = cli_main("attack", run, *args)
+    rc, _, err = cli_main("attack", run, *args)
     one_line_error(rc, err, needle)
     assert _snapshot(run) == before
 

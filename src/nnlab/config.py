@@ -77,6 +77,13 @@ class DataConfig:
     label_noise: float = documented(0.0, "classification: flip exactly round(R * n_train) training labels, in "
                                     "[0, 1), each to another class drawn uniformly, from split_seed; after "
                                     "train_fraction; never the test split")
+    poison_rate: float = documented(0.0, "images: BadNets backdoor (nnlab/data/poison.py): stamp a trigger on exactly "
+                                    "round(R * n_train) training images of other classes and relabel them "
+                                    "poison_target, in [0, 1); never the test split")
+    poison_target: int | None = documented(None, "images: the backdoor's target class; set, the evaluation also "
+                                           "reports the attack success rate on a triggered copy of the test split")
+    poison_trigger: str = documented("patch", "images: the trigger, a 4x4 white patch or checker(board) near the "
+                                     "bottom-right corner", choices=("patch", "checker"))
 
 
 @dataclass
@@ -380,6 +387,10 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError(f"data.train_fraction: must be in (0, 1], got {d.train_fraction}")
     if not 0 <= d.label_noise < 1:
         raise ConfigError(f"data.label_noise: must be in [0, 1), got {d.label_noise}")
+    if not 0 <= d.poison_rate < 1:
+        raise ConfigError(f"data.poison_rate: must be in [0, 1), got {d.poison_rate}")
+    if (d.poison_rate or d.poison_target is not None) and d.name not in IMAGE_DATA:
+        raise ConfigError(f"data.poison_rate: a backdoor takes image data, not data.name={d.name}")
     if d.name == "text":
         for key, value, neutral in (("task", d.task, "auto"), ("train_fraction", d.train_fraction, 1.0),
                                     ("label_noise", d.label_noise, 0.0)):

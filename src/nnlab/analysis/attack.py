@@ -132,7 +132,8 @@ def pgd(fn: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = DEFAULT_ST
     for _ in range(restarts):
         x_adv = x.clone()
         if random_init:
-            x_adv = torch.minimum(torch.maximum(x + (2 * torch.rand(x.shape, generator=gen).to(x.device) - 1) * eps, lo), hi)
+            noise = (2 * torch.rand(x.shape, generator=gen).to(x.device) - 1) * eps
+            x_adv = torch.minimum(torch.maximum(x + noise, lo), hi)
         for _ in range(steps):
             x_adv = x_adv + a * loss_gradient(fn, x_adv, y).sign()
             x_adv = torch.minimum(torch.maximum(x_adv, lo), hi).detach()
@@ -210,9 +211,10 @@ def guard(fn: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, restarts:
         {"check": "transfer", "passed": transfer >= base - GUARD_TOL,
          "detail": f"transfer from the surrogate {transfer:.3f}, white-box {base:.3f} at eps {eps:.4g}"},
     ]
-    return {"samples": len(x), "eps": eps, "steps": steps, "tolerance": GUARD_TOL, "passed": all(c["passed"] for c in checks),
-            "checks": checks, "surrogate": {"model": f"mlp {SURROGATE_HIDDEN} hidden", "steps": SURROGATE_STEPS,
-                                            "batch": SURROGATE_BATCH, "optimizer": "adam lr 1e-3", "seed": SEED}}
+    return {"samples": len(x), "eps": eps, "steps": steps, "tolerance": GUARD_TOL,
+            "passed": all(c["passed"] for c in checks), "checks": checks,
+            "surrogate": {"model": f"mlp {SURROGATE_HIDDEN} hidden", "steps": SURROGATE_STEPS,
+                          "batch": SURROGATE_BATCH, "optimizer": "adam lr 1e-3", "seed": SEED}}
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -322,9 +324,9 @@ def attack(run_dir, method: str = "pgd", eps: str | list[float] = DEFAULT_EPS, s
 
 def format_result(result: dict) -> str:
     """What `nnlab attack` prints: accuracy per eps, the guard's verdict (a WARNING per failed check)."""
-    label = "FGSM" if result["method"] == "fgsm" else f"PGD-{result['steps']} x{result['restarts']} restarts"
-    lines = [f"{result['model']}: {label} on {result['samples']} test images ({result['wall_s']:.1f} s); "
-             f"clean accuracy {result['clean_accuracy']:.4f}",
+    label = "FGSM" if result["method"] == "fgsm" else f"PGD-{result['steps']} x {result['restarts']} restart(s)"
+    lines = [(f"{result['model']}: {label} on {result['samples']} test images ({result['wall_s']:.1f} s); "
+              f"clean accuracy {result['clean_accuracy']:.4f}"),
              f"  {'eps':>8s}  {'accuracy':>8s}  {'seconds':>7s}"]
     for r in result["rows"]:
         lines.append(f"  {_eps_label(r['eps']):>8s}  {r['accuracy']:8.4f}  {r['seconds']:7.2f}")

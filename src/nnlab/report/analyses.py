@@ -209,12 +209,14 @@ def attack_section(run: Run) -> Section:
         if doc is None:
             continue
         method = doc["method"]
-        label = "FGSM" if method == "fgsm" else f"PGD-{doc.get('steps', '?')}, {plural(doc.get('restarts', 1), 'restart')}"
+        label = ("FGSM" if method == "fgsm" else
+                 f"PGD-{doc.get('steps', '?')}, {plural(doc.get('restarts', 1), 'restart')}")
         s.add(f"<h3>{esc(label)}</h3>",
               p(f"{doc.get('model', '?')}: {doc.get('samples', '?')} test images attacked in pixel space (L-infinity), "
                 f"clean accuracy {num(doc['clean_accuracy'])} ({ATTACK_DIR}/{path.name})."),
-              table(["eps", "eps x 255", "accuracy"], [[e, round(e * 255, 2) if isinstance(e, (int, float)) else e, a]
-                                                       for e, a in zip(doc["eps"], doc["accuracy"])], numeric={0, 1, 2}))
+              table(["eps", "eps x 255", "accuracy"],
+                    [[e, round(e * 255, 2) if isinstance(e, (int, float)) else e, a]
+                     for e, a in zip(doc["eps"], doc["accuracy"])], numeric={0, 1, 2}))
         g = doc.get("guard")
         if isinstance(g, dict) and isinstance(g.get("checks"), list):
             failed = [c for c in g["checks"] if isinstance(c, dict) and not c.get("passed")]

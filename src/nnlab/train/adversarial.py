@@ -14,7 +14,6 @@ exactly the same starts.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 
