@@ -27,6 +27,8 @@ CNN = {"model.name": "cnn", "train.batch_size": 256, "train.channels_last": True
 # defaults: the values every recipe resolved to before recipes could name a base.
 RESOLVED = {
     "cnn": {**CNN, "train.epochs": 8, "train.lr": 0.004},
+    "cnn-robust": {**{k: v for k, v in CNN.items() if k != "train.label_smoothing"}, "model.width": 16,
+                   "train.epochs": 2, "train.lr": 0.004, "train.adversarial": "pgd"},
     "fmnist-speedrun": {**CNN, "model.dropout": 0.0, "model.width": 16, "train.epochs": 3,
                         "train.eval_every": 1000000, "train.log_every": 100, "train.lr": 0.006},
     "gpt-shakespeare": {**GPT_SHAKESPEARE, "train.precision": "fp32"},

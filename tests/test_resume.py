@@ -64,6 +64,8 @@ CASES = {
     "sgd-momentum": ("seed-cnn", "images", {**IMAGES, "train.momentum": 0.9, "train.weight_decay": 0.01}),
     "seed-cnn-fast": ("seed-cnn-fast", "images", IMAGES),  # AdamW, one-cycle, channels_last
     "cnn": ("cnn", "images", {**IMAGES, "model.width": 4}),  # BatchNorm, dropout, channels_last
+    # PGD's random starts are drawn from (seed, step, row): the resumed run draws the same
+    "cnn-robust": ("cnn-robust", "images", {**IMAGES, "model.width": 4, "train.adversarial_steps": 2}),
     "vit": ("vit", "images", {**IMAGES, "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16}),  # cosine
     "fmnist-speedrun": ("fmnist-speedrun", "images", {**IMAGES, "model.width": 4}),
     "mlp-regression": ("mlp-regression", "csv", {"train.batch_size": 32}),

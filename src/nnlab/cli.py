@@ -66,6 +66,13 @@ def cmd_explain(a) -> None:
     print(format_result(explain(a.run_dir, **kw)))
 
 
+def cmd_attack(a) -> None:
+    from nnlab.analysis.attack import attack, format_result
+
+    kw = {k: getattr(a, k) for k in ("method", "eps", "steps", "restarts", "samples") if getattr(a, k) is not None}
+    print(format_result(attack(a.run_dir, **kw)))
+
+
 def cmd_report(a) -> None:
     from nnlab.report import build_report
 
@@ -133,7 +140,7 @@ def cmd_keys(a) -> None:
 
 
 VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "baselines": cmd_baselines,
-         "learning-curve": cmd_learning_curve, "explain": cmd_explain, "report": cmd_report,
+         "learning-curve": cmd_learning_curve, "explain": cmd_explain, "attack": cmd_attack, "report": cmd_report,
          "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve, "recipes": cmd_recipes,
          "keys": cmd_keys, "info": cmd_info}
 
@@ -181,6 +188,15 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--method", help="saliency, integrated-gradients, grad-cam (CNNs), attention or rollout "
                    "(Transformers); default integrated-gradients, or attention for Transformers")
     x.add_argument("--samples", type=int, help="explain the first N test samples (default 8)")
+    at = sub.add_parser("attack", help="accuracy under adversarial inputs (FGSM, PGD) against eps, with a "
+                        "gradient-masking guard")
+    at.add_argument("run_dir")
+    at.add_argument("--method", help="fgsm or pgd (default pgd)")
+    at.add_argument("--eps", metavar="E,E,...", help="L-infinity radii in pixel units, fractions allowed "
+                    "(default 1/255,2/255,4/255,8/255)")
+    at.add_argument("--steps", type=int, help="PGD steps (default 10)")
+    at.add_argument("--restarts", type=int, help="PGD random starts; an image is broken if any breaks it (default 1)")
+    at.add_argument("--samples", type=int, help="attack the first N test images (default 1000)")
     r = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page about a finished run")
     r.add_argument("run_dir", help="a finished run folder; only its report.html is written")
     pr = sub.add_parser("predict", help="classify image files, or continue a prompt, with a trained model")

@@ -77,6 +77,13 @@ class DataConfig:
     label_noise: float = documented(0.0, "classification: flip exactly round(R * n_train) training labels, in "
                                     "[0, 1), each to another class drawn uniformly, from split_seed; after "
                                     "train_fraction; never the test split")
+    poison_rate: float = documented(0.0, "images: BadNets backdoor (nnlab/data/poison.py): stamp a trigger on exactly "
+                                    "round(R * n_train) training images of other classes and relabel them "
+                                    "poison_target, in [0, 1); never the test split")
+    poison_target: int | None = documented(None, "images: the backdoor's target class; set, the evaluation also "
+                                           "reports the attack success rate on a triggered copy of the test split")
+    poison_trigger: str = documented("patch", "images: the trigger, a 4x4 white patch or checker(board) near the "
+                                     "bottom-right corner", choices=("patch", "checker"))
 
 
 @dataclass
@@ -124,6 +131,12 @@ class TrainConfig:
     max_bad_steps: int = documented(0, "skip up to this many NaN/Inf losses instead of stopping", non_negative=True)
     strategy: str = documented("ddp", "under torchrun: ddp (replicate) or fsdp (shard with FSDP2 fully_shard)",
                                choices=("ddp", "fsdp"))
+    adversarial: str = documented("none", "images: pgd trains on each batch's PGD adversarial version (Madry et al., "
+                                  "2018; nnlab/train/adversarial.py)", choices=("none", "pgd"))
+    adversarial_eps: float = documented(0.1, "train.adversarial: L-infinity radius in pixel units, in (0, 1]",
+                                        positive=True)
+    adversarial_steps: int = documented(7, "train.adversarial: PGD steps of 2.5 eps / steps from a random start",
+                                        positive=True)
 
 
 ModelConfig = Any  # a registered model's config dataclass (nnlab.models), e.g. GPTConfig
@@ -358,7 +371,14 @@ def build_config(d: dict) -> Config:
     if cfg.data.name == "csv" and not cfg.data.target:
         raise ConfigError("data.target: data.name=csv needs the name of the target column")
     _check_data(cfg.data)
+    if t.adversarial != "none" and (cfg.data.name not in IMAGE_DATA or t.adversarial_eps > 1):
+        what = f"is {t.adversarial_eps}, above 1 (pixel units)" if t.adversarial_eps > 1 else (
+            f"takes image data, not data.name={cfg.data.name}")
+        raise ConfigError(f"train.adversarial: {what}")
     return cfg
+
+
+IMAGE_DATA = ("fashion-mnist", "mnist", "digits")
 
 
 def _check_data(d: DataConfig) -> None:
@@ -367,6 +387,10 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError(f"data.train_fraction: must be in (0, 1], got {d.train_fraction}")
     if not 0 <= d.label_noise < 1:
         raise ConfigError(f"data.label_noise: must be in [0, 1), got {d.label_noise}")
+    if not 0 <= d.poison_rate < 1:
+        raise ConfigError(f"data.poison_rate: must be in [0, 1), got {d.poison_rate}")
+    if (d.poison_rate or d.poison_target is not None) and d.name not in IMAGE_DATA:
+        raise ConfigError(f"data.poison_rate: a backdoor takes image data, not data.name={d.name}")
     if d.name == "text":
         for key, value, neutral in (("task", d.task, "auto"), ("train_fraction", d.train_fraction, 1.0),
                                     ("label_noise", d.label_noise, 0.0)):

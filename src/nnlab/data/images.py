@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from nnlab.data.idx import read_idx
+from nnlab.data.poison import check_poison, poison
 from nnlab.data.sampling import check_fractions, flip_labels, train_subset
 from nnlab.errors import DataError
 
@@ -45,6 +46,7 @@ class ImageData:
     classes: list[str]
     mean: float  # of training pixels scaled to [0, 1]
     std: float
+    poisoned: torch.Tensor | None = None  # indices of the backdoored training images (nnlab.data.poison)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images -> float32 model input (x/255 - mean)/std, on x's device."""
@@ -134,7 +136,8 @@ def pixel_stats(x: torch.Tensor) -> tuple[float, float]:
 
 def load_images(name: str, dir: str | None = None, image_size: int | None = None,
                 limit: int | None = None, seed: int = 0, train_fraction: float = 1.0,
-                label_noise: float = 0.0) -> ImageData:
+                label_noise: float = 0.0, poison_rate: float = 0.0, poison_target: int | None = None,
+                poison_trigger: str = "patch") -> ImageData:
     """Load an image data set by name: "fashion-mnist", "mnist" or "digits".
 
     fashion-mnist/mnist read the four standard IDX files (each raw or .gz) from `dir`
@@ -143,7 +146,8 @@ def load_images(name: str, dir: str | None = None, image_size: int | None = None
     `image_size` resizes to image_size x image_size (bilinear); `limit` keeps the first `limit`
     training and the first `limit` test images. Then `train_fraction` keeps a stratified subset of
     the training images and `label_noise` flips that fraction of their labels (nnlab.data.sampling;
-    both drawn from `seed`). mean/std describe the returned training pixels.
+    both drawn from `seed`). Then `poison_rate` plants a BadNets backdoor for class `poison_target`
+    (nnlab.data.poison, drawn from `seed`). mean/std describe the returned training pixels.
     """
     if name not in IMAGE_DATASETS:
         raise DataError(f"data: unknown image data set {name!r} (choose from {', '.join(IMAGE_DATASETS)})")
@@ -166,5 +170,9 @@ def load_images(name: str, dir: str | None = None, image_size: int | None = None
         y_tr = torch.from_numpy(flip_labels(y_tr.numpy(), label_noise, len(classes), seed))
     if image_size is not None:
         x_tr, x_te = resize_images(x_tr, image_size), resize_images(x_te, image_size)
+    check_poison(poison_rate, poison_target, len(classes))
+    poisoned = None
+    if poison_rate > 0:  # after resizing: the trigger keeps its size in the images the model sees
+        x_tr, y_tr, poisoned = poison(x_tr, y_tr, poison_rate, poison_target, poison_trigger, seed)
     mean, std = pixel_stats(x_tr)
-    return ImageData(name, x_tr, y_tr, x_te, y_te, list(classes), mean, std)
+    return ImageData(name, x_tr, y_tr, x_te, y_te, list(classes), mean, std, poisoned)

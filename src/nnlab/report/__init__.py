@@ -32,8 +32,8 @@ from pathlib import Path
 from nnlab.errors import NnlabError
 from nnlab.report import analyses, page, sections
 from nnlab.report.sections import Run
-from nnlab.runfolder import (BASELINES, EXPORT, LEARNING_CURVE, METRICS, MODEL_INFO, REPORT, SUMMARY,
-                             atomic_write_text, load, read_config, read_json)
+from nnlab.runfolder import (ATTACK_DIR, BASELINES, EXPORT, LEARNING_CURVE, METRICS, MODEL_INFO, REPORT,
+                             SUMMARY,                              atomic_write_text, load, read_config, read_json)
 
 
 def read_run(run_dir: str | Path) -> Run:
@@ -117,6 +117,8 @@ def build_report(run_dir: str | Path) -> Path:
     if kind != "text" or (run.dir / LEARNING_CURVE).exists():
         parts.append(analyses.learning_curve_section(run))
     parts.append(analyses.explain_section(run))
+    if (run.dir / ATTACK_DIR).is_dir():  # shown once `nnlab attack` has run
+        parts.append(analyses.attack_section(run))
     if (run.dir / EXPORT).exists():
         parts.append(analyses.export_section(run))
     parts.append(sections.efficiency_section(run, model, measured))

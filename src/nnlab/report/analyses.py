@@ -1,6 +1,6 @@
 """The report's sections built from the files other verbs write into the run folder (the formats
 are the issue-21 contract): baselines.json, learning_curve.json + .png, explain/METHOD.json with
-its .png or .html; and export.json (`nnlab export`).
+its .png or .html; attack/METHOD.json with its two .png files; and export.json (`nnlab export`).
 
 A file that is absent leaves its section saying which command makes it; a file that is corrupt or
 does not follow its format becomes a visible warning in its section (and a printed one), and the
@@ -15,7 +15,8 @@ from nnlab.errors import NnlabError
 from nnlab.report import figures
 from nnlab.report.page import REMOTE_REF, Section, absent, embedded_page, esc, figure, num, p, plural, table
 from nnlab.report.sections import Run, lower_is_better
-from nnlab.runfolder import BASELINES, EXPLAIN_DIR, EXPORT, LEARNING_CURVE, LEARNING_CURVE_PLOT, read_json
+from nnlab.runfolder import (ATTACK_DIR, BASELINES, EXPLAIN_DIR, EXPORT, LEARNING_CURVE, LEARNING_CURVE_PLOT,
+                             read_json)
 
 PREDICTIONS_SHOWN = 32
 
@@ -213,4 +214,39 @@ def export_section(run: Run) -> Section:
     s.add(p(f"Checked against PyTorch on {check.get('data', '?')}.{cache}"),
           table(["precision", "file", "bytes", "top-1 agreement with PyTorch", "accuracy", "largest difference",
                  "quantization"], rows, numeric={2, 3, 4, 5}))
+
+
+# ---- adversarial inputs ------------------------------------------------------------------------
+
+def attack_section(run: Run) -> Section:
+    """attack/METHOD.json (from `nnlab attack`): accuracy against eps, the guard, the two figures."""
+    s = Section("attack", "Adversarial inputs")
+    folder = run.dir / ATTACK_DIR
+    docs = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not docs:
+        s.made = False
+        return s.add(absent("adversarial attacks", f"nnlab attack {run.dir}"))
+    for path in docs:
+        doc = read_contract(path, {"method": str, "eps": list, "accuracy": list, "clean_accuracy": float}, s)
+        if doc is None:
+            continue
+        method = doc["method"]
+        label = ("FGSM" if method == "fgsm" else
+                 f"PGD-{doc.get('steps', '?')}, {plural(doc.get('restarts', 1), 'restart')}")
+        s.add(f"<h3>{esc(label)}</h3>",
+              p(f"{doc.get('model', '?')}: {doc.get('samples', '?')} test images attacked in pixel space (L-infinity), "
+                f"clean accuracy {num(doc['clean_accuracy'])} ({ATTACK_DIR}/{path.name})."),
+              table(["eps", "eps x 255", "accuracy"],
+                    [[e, round(e * 255, 2) if isinstance(e, (int, float)) else e, a]
+                     for e, a in zip(doc["eps"], doc["accuracy"])], numeric={0, 1, 2}))
+        g = doc.get("guard")
+        if isinstance(g, dict) and isinstance(g.get("checks"), list):
+            failed = [c for c in g["checks"] if isinstance(c, dict) and not c.get("passed")]
+            for c in failed:
+                s.warn(f"{method}: gradient-masking guard failed {c.get('check')}: {c.get('detail')}")
+            words = "; ".join(f"{c.get('check')}: {c.get('detail')}" for c in g["checks"] if isinstance(c, dict))
+            s.add(f'<p class="{"fail" if failed else "ok"}">Gradient-masking guard on {esc(g.get("samples", "?"))} '
+                  f'images {"FAILED" if failed else "passed"}: {esc(words)}.</p>')
+        for name in doc.get("files") or []:
+            s.add(*embedded_file(run.dir, str(name), method, s))
     return s

@@ -24,6 +24,7 @@ from nnlab.info import machine_info
 from nnlab.models import build_model
 from nnlab.tasks import lr_at, make_task
 from nnlab.train import distributed
+from nnlab.train.adversarial import adversarial_batch
 from nnlab.train.allocator import tune_allocator
 from nnlab.train.log import RunLogger
 from nnlab.train.optim import make_optimizer
@@ -130,6 +131,8 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
             lo = (env.rank * t.grad_accum + k) * micro
             x, y = task.batch(step, lo, lo + micro)
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            if t.adversarial == "pgd":  # train on the batch's worst case within the eps ball
+                x = adversarial_batch(model, x, y, task, step, lo)
             if t.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             # Gradients are reduced over ranks only on the last micro-batch's backward.
