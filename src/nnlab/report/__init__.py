@@ -33,7 +33,7 @@ from nnlab.errors import NnlabError
 from nnlab.report import analyses, page, sections
 from nnlab.report.sections import Run
 from nnlab.runfolder import (ATTACK_DIR, BASELINES, EXPORT, LEARNING_CURVE, METRICS, MODEL_INFO, REPORT,
-                             SUMMARY,                              atomic_write_text, load, read_config, read_json)
+                             SUMMARY, atomic_write_text, load, read_config, read_json)
 
 
 def read_run(run_dir: str | Path) -> Run:
