@@ -27,6 +27,10 @@ CNN = {"model.name": "cnn", "train.batch_size": 256, "train.channels_last": True
 # defaults: the values every recipe resolved to before recipes could name a base.
 RESOLVED = {
     "cnn": {**CNN, "train.epochs": 8, "train.lr": 0.004},
+    "dp-cnn": {"model.name": "cnn", "model.width": 8, "model.norm": "group", "model.dropout": 0.0, "train.epochs": 3,
+               "train.batch_size": 1024, "train.optimizer": "adamw", "train.lr": 0.006, "train.schedule": "linear",
+               "train.warmup_frac": 0.05, "train.log_every": 10, "train.precision": "fp32",
+               "train.privacy_epsilon": 3.0},
     "fmnist-speedrun": {**CNN, "model.dropout": 0.0, "model.width": 16, "train.epochs": 3,
                         "train.eval_every": 1000000, "train.log_every": 100, "train.lr": 0.006},
     "gpt-shakespeare": {**GPT_SHAKESPEARE, "train.precision": "fp32"},

@@ -66,6 +66,13 @@ def cmd_explain(a) -> None:
     print(format_result(explain(a.run_dir, **kw)))
 
 
+def cmd_audit(a) -> None:
+    from nnlab.analysis.audit import audit, format_result
+
+    kw = {k: getattr(a, k) for k in ("samples", "seed") if getattr(a, k) is not None}
+    print(format_result(audit(a.run_dir, **kw)))
+
+
 def cmd_report(a) -> None:
     from nnlab.report import build_report
 
@@ -100,7 +107,7 @@ def cmd_keys(a) -> None:
 
 
 VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "baselines": cmd_baselines,
-         "learning-curve": cmd_learning_curve, "explain": cmd_explain, "report": cmd_report, "recipes": cmd_recipes,
+         "learning-curve": cmd_learning_curve, "explain": cmd_explain, "audit": cmd_audit, "report": cmd_report, "recipes": cmd_recipes,
          "keys": cmd_keys, "info": cmd_info}
 
 
@@ -147,6 +154,10 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--method", help="saliency, integrated-gradients, grad-cam (CNNs), attention or rollout "
                    "(Transformers); default integrated-gradients, or attention for Transformers")
     x.add_argument("--samples", type=int, help="explain the first N test samples (default 8)")
+    m = sub.add_parser("audit", help="membership inference: can the model's training examples be told from unseen ones?")
+    m.add_argument("run_dir", help="a finished classifier run; audit.json and audit.png are written into it")
+    m.add_argument("--samples", type=int, help="members and non-members each (default 5000, at most the split sizes)")
+    m.add_argument("--seed", type=int, help="seed of the drawn examples (default 0)")
     r = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page about a finished run")
     r.add_argument("run_dir", help="a finished run folder; only its report.html is written")
     sub.add_parser("recipes", help="list the shipped recipes")

@@ -124,6 +124,17 @@ class TrainConfig:
     max_bad_steps: int = documented(0, "skip up to this many NaN/Inf losses instead of stopping", non_negative=True)
     strategy: str = documented("ddp", "under torchrun: ddp (replicate) or fsdp (shard with FSDP2 fully_shard)",
                                choices=("ddp", "fsdp"))
+    # DP-SGD (nnlab/train/privacy.py): set privacy_epsilon to train privately.
+    privacy_epsilon: float | None = documented(None, "DP-SGD through Opacus: the (epsilon, delta) budget the whole "
+                                               "run spends; null = ordinary training", positive=True)
+    privacy_delta: float = documented(1e-5, "DP-SGD: delta, the chance the epsilon bound fails; below 1/N",
+                                      positive=True)
+    privacy_max_grad_norm: float = documented(1.0, "DP-SGD: each example's gradient is clipped to this L2 norm C",
+                                              positive=True)
+    privacy_noise: bool = documented(True, "DP-SGD: false clips but adds no noise (no privacy): the baseline that "
+                                     "separates the cost of clipping from the cost of noise")
+    privacy_accountant: str = documented("rdp", "DP-SGD: the accountant that sets the noise multiplier; summary.json "
+                                         "records both's epsilon", choices=("rdp", "prv"))
 
 
 ModelConfig = Any  # a registered model's config dataclass (nnlab.models), e.g. GPTConfig

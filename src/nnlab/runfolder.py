@@ -15,6 +15,7 @@ Written later by the analysis verbs, each from the run folder alone (none overwr
     baselines.json                `nnlab baselines --run`: traditional models beside this one
     learning_curve.json, .png     `nnlab learning-curve --out`: accuracy against training-set size
     explain/METHOD.json, .png     `nnlab explain`: attributions or attention maps (.html for text)
+    audit.json, audit.png         `nnlab audit`: membership inference against the model, its ROC
     report.html                   `nnlab report`: everything above, in one self-contained page
 
 Security: weights and training state load only from safetensors, a format with no code in it. A
@@ -60,6 +61,8 @@ BASELINES = "baselines.json"
 LEARNING_CURVE = "learning_curve.json"
 LEARNING_CURVE_PLOT = "learning_curve.png"
 EXPLAIN_DIR = "explain"
+AUDIT = "audit.json"
+AUDIT_PLOT = "audit.png"
 REPORT = "report.html"
 
 MAX_HEADER = 100 * 1024 * 1024  # a safetensors header larger than this is hostile or corrupt
