@@ -66,6 +66,11 @@ def test_the_loss_attack_finds_a_memorised_training_set_and_writes_its_roc(overf
     assert f"AUC {loss['auc']:.4f}" in out
     assert (run / runfolder.AUDIT_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    from nnlab.report import build_report
+
+    html = build_report(run).read_text()  # the report's privacy section shows the audit
+    assert "Privacy: DP-SGD budget and membership inference" in html and f"{loss['auc']:.4g}" in html
+
 
 def test_the_loss_attack_is_at_chance_on_examples_the_model_never_saw(overfit_runs):
     """Run 1's model against run 0's members: it saw none of them, so they look like test rows."""

@@ -115,6 +115,10 @@ def build_report(run_dir: str | Path) -> Path:
         parts.append(analyses.baselines_section(run))
     if kind != "text" or (run.dir / LEARNING_CURVE).exists():
         parts.append(analyses.learning_curve_section(run))
+    from nnlab.report.privacy import privacy_section, shows_privacy
+
+    if shows_privacy(run):
+        parts.append(privacy_section(run))
     parts += [analyses.explain_section(run), sections.efficiency_section(run, model, measured)]
 
     from nnlab import __version__
