@@ -184,8 +184,12 @@ def test_stopped_and_resumed_bf16_run_equals_the_uninterrupted_one(name, tiny, t
     stop_resume_and_compare(BF16, name, tiny, tmp_path)
 
 
+# DP-SGD runs refuse --resume with a one-line error (tests/test_privacy.py).
+NOT_RESUMABLE = {"dp-cnn"}
+
+
 def test_every_shipped_recipe_is_resumed():
-    assert set(recipe_names()) == {recipe for recipe, _, _ in CASES.values()}
+    assert set(recipe_names()) - NOT_RESUMABLE == {recipe for recipe, _, _ in CASES.values()}
 
 
 def test_resume_after_a_kill_from_outside_matches_an_uninterrupted_run(tmp_path, tiny, capsys):

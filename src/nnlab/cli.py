@@ -73,6 +73,13 @@ def cmd_attack(a) -> None:
     print(format_result(attack(a.run_dir, **kw)))
 
 
+def cmd_audit(a) -> None:
+    from nnlab.analysis.audit import audit, format_result
+
+    kw = {k: getattr(a, k) for k in ("samples", "seed") if getattr(a, k) is not None}
+    print(format_result(audit(a.run_dir, **kw)))
+
+
 def cmd_report(a) -> None:
     from nnlab.report import build_report
 
@@ -140,8 +147,8 @@ def cmd_keys(a) -> None:
 
 
 VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "baselines": cmd_baselines,
-         "learning-curve": cmd_learning_curve, "explain": cmd_explain, "attack": cmd_attack, "report": cmd_report,
-         "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve, "recipes": cmd_recipes,
+         "learning-curve": cmd_learning_curve, "explain": cmd_explain, "attack": cmd_attack, "audit": cmd_audit,
+         "report": cmd_report, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve, "recipes": cmd_recipes,
          "keys": cmd_keys, "info": cmd_info}
 
 
@@ -197,6 +204,10 @@ def parser() -> argparse.ArgumentParser:
     at.add_argument("--steps", type=int, help="PGD steps (default 10)")
     at.add_argument("--restarts", type=int, help="PGD random starts; an image is broken if any breaks it (default 1)")
     at.add_argument("--samples", type=int, help="attack the first N test images (default 1000)")
+    m = sub.add_parser("audit", help="membership inference: can the model's training examples be told from unseen ones?")
+    m.add_argument("run_dir", help="a finished classifier run; audit.json and audit.png are written into it")
+    m.add_argument("--samples", type=int, help="members and non-members each (default 5000, at most the split sizes)")
+    m.add_argument("--seed", type=int, help="seed of the drawn examples (default 0)")
     r = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page about a finished run")
     r.add_argument("run_dir", help="a finished run folder; only its report.html is written")
     pr = sub.add_parser("predict", help="classify image files, or continue a prompt, with a trained model")

@@ -137,6 +137,17 @@ class TrainConfig:
                                         positive=True)
     adversarial_steps: int = documented(7, "train.adversarial: PGD steps of 2.5 eps / steps from a random start",
                                         positive=True)
+    # DP-SGD (nnlab/train/privacy.py): set privacy_epsilon to train privately.
+    privacy_epsilon: float | None = documented(None, "DP-SGD through Opacus: the (epsilon, delta) budget the whole "
+                                               "run spends; null = ordinary training", positive=True)
+    privacy_delta: float = documented(1e-5, "DP-SGD: delta, the chance the epsilon bound fails; below 1/N",
+                                      positive=True)
+    privacy_max_grad_norm: float = documented(1.0, "DP-SGD: each example's gradient is clipped to this L2 norm C",
+                                              positive=True)
+    privacy_noise: bool = documented(True, "DP-SGD: false clips but adds no noise (no privacy): the baseline that "
+                                     "separates the cost of clipping from the cost of noise")
+    privacy_accountant: str = documented("rdp", "DP-SGD: the accountant that sets the noise multiplier; summary.json "
+                                         "records both's epsilon", choices=("rdp", "prv"))
 
 
 ModelConfig = Any  # a registered model's config dataclass (nnlab.models), e.g. GPTConfig

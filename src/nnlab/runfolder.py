@@ -17,6 +17,7 @@ Written later by the analysis verbs, each from the run folder alone (none overwr
     explain/METHOD.json, .png     `nnlab explain`: attributions or attention maps (.html for text)
     attack/METHOD.json, .png      `nnlab attack`: accuracy under adversarial inputs against eps, and
     attack/METHOD-examples.png    clean and adversarial images with their predictions
+    audit.json, audit.png         `nnlab audit`: membership inference against the model, its ROC
     report.html                   `nnlab report`: everything above, in one self-contained page
     model.onnx, model.int8.onnx   `nnlab export`: the model for onnxruntime (fp32, int8)
     export.json                   `nnlab export`: what was exported and how well it agrees
@@ -65,6 +66,8 @@ LEARNING_CURVE = "learning_curve.json"
 LEARNING_CURVE_PLOT = "learning_curve.png"
 EXPLAIN_DIR = "explain"
 ATTACK_DIR = "attack"
+AUDIT = "audit.json"
+AUDIT_PLOT = "audit.png"
 REPORT = "report.html"
 ONNX_MODEL = "model.onnx"
 ONNX_INT8_SUFFIX = ".int8.onnx"  # model.onnx -> model.int8.onnx

@@ -28,14 +28,20 @@ class CNNConfig:
     num_classes: int = documented(10, "classes (set from the data)")
     width: int = documented(32, "channels of the first stage; doubled at each later stage")
     dropout: float = documented(0.1, "dropout before the classifier")
+    norm: str = documented("batch", "batch (BatchNorm: statistics over the batch) or group (GroupNorm: statistics "
+                           "within each example, as DP-SGD's per-example gradients need)", choices=("batch", "group"))
     explicit: bool = documented(False, "True: the article's convolution / pooling / dense formulas via nnlab.ops")
 
 
 class ConvBlock(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, explicit: bool):
-        # The conv has no bias: BatchNorm's shift would cancel it.
-        super().__init__(Conv2d(c_in, c_out, 3, padding=1, bias=False, explicit=explicit),
-                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    def __init__(self, c_in: int, c_out: int, explicit: bool, norm: str = "batch"):
+        # The conv has no bias: the norm's shift would cancel it. GroupNorm: 8 channels a group, and
+        # a ReLU not in place, since Opacus's backward hook on the norm layer keeps its output.
+        if norm == "group":
+            layers = (nn.GroupNorm(max(1, c_out // 8), c_out), nn.ReLU())
+        else:
+            layers = (nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+        super().__init__(Conv2d(c_in, c_out, 3, padding=1, bias=False, explicit=explicit), *layers)
 
 
 class CNN(nn.Module):
@@ -45,7 +51,7 @@ class CNN(nn.Module):
         w, ex = cfg.width, cfg.explicit
         widths = [cfg.in_channels, w, 2 * w, 4 * w]
         self.stages = nn.ModuleList(
-            nn.Sequential(ConvBlock(a, b, ex), ConvBlock(b, b, ex), MaxPool2d(2, explicit=ex))
+            nn.Sequential(ConvBlock(a, b, ex, cfg.norm), ConvBlock(b, b, ex, cfg.norm), MaxPool2d(2, explicit=ex))
             for a, b in zip(widths[:-1], widths[1:])
         )
         self.drop = nn.Dropout(cfg.dropout)

@@ -119,6 +119,10 @@ def build_report(run_dir: str | Path) -> Path:
     parts.append(analyses.explain_section(run))
     if (run.dir / ATTACK_DIR).is_dir():  # shown once `nnlab attack` has run
         parts.append(analyses.attack_section(run))
+    from nnlab.report.privacy import privacy_section, shows_privacy
+
+    if shows_privacy(run):
+        parts.append(privacy_section(run))
     if (run.dir / EXPORT).exists():
         parts.append(analyses.export_section(run))
     parts.append(sections.efficiency_section(run, model, measured))

@@ -23,7 +23,7 @@ from nnlab.errors import ConfigError, NnlabError
 from nnlab.info import machine_info
 from nnlab.models import build_model
 from nnlab.tasks import lr_at, make_task
-from nnlab.train import distributed
+from nnlab.train import distributed, privacy
 from nnlab.train.adversarial import adversarial_batch
 from nnlab.train.allocator import tune_allocator
 from nnlab.train.log import RunLogger
@@ -67,6 +67,7 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
             torch.distributed.broadcast_object_list(obj, src=0)
             run_dir = Path(obj[0])
     t = cfg.train
+    privacy.check(cfg, env.world_size, bool(resume))
     micro, rem = divmod(t.batch_size, env.world_size * t.grad_accum)
     if rem or micro == 0:
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by world size {env.world_size} "
@@ -90,11 +91,17 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
                               "channels-last conv weights are not; set train.channels_last=false or train.strategy=ddp")
     n_params = sum(p.numel() for p in model.parameters())
 
+    if privacy.enabled(t):  # before the run folder is made: a model DP-SGD cannot train leaves none
+        privacy.check_model(model)
     if env.is_main and not resume:
         runfolder.write_config(run_dir, cfg)
     # Sharding (FSDP) changes the parameters, so it comes before the optimizer is built.
     fmodel = distributed.parallelize(model, t, env)
     optimizer = make_optimizer(model, t, fused=env.world_size == 1)
+    # DP-SGD swaps in Poisson batches and an optimizer that clips and noises per-example gradients.
+    private = privacy.PrivateTraining(model, optimizer, task, t, task.total_steps()) if privacy.enabled(t) else None
+    if private:
+        task, optimizer = private.task, private.optimizer
     # Listed once: walking the modules for model.parameters() took ~3.5 us a tensor, ~185 us a step
     # for the baby GPT.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,6 +118,8 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
             f"on {env.device} x{env.world_size}, precision {precision} ({precision_why}); run folder {run_dir}")
     if resume:
         log.say(f"resumed at step {step}")
+    if private:
+        log.say(private.describe())
     metrics: dict = {}
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -207,7 +216,8 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
                    **speed, "params": n_params, **metrics, "precision": precision, "precision_reason": precision_why,
                    "allocator": allocator,
                    "world_size": env.world_size, "bad_steps": bad_steps, "seed": t.seed,
-                   "machine": machine_info(), "kernels_used": kernels.used()}
+                   "machine": machine_info(), "kernels_used": kernels.used(),
+                   **(private.summary(step) if private else {})}
         runfolder.write_summary(run_dir, summary)
         rate = (f"; {speed[f'{unit}_per_s']:,.0f} {unit}/s after a first step of {first_step_seconds:.2f} s"
                 if steady_steps else "")

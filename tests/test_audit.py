@@ -1,0 +1,105 @@
+"""nnlab audit: the loss-threshold membership-inference attack, on a model that memorised its
+training rows and on one that never saw them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import one_line_error
+from sklearn.datasets import make_classification
+
+from nnlab import cli, runfolder
+from nnlab.analysis.audit import loss_attack
+from nnlab.config import load_config
+from nnlab.tasks import make_task
+
+# A dense net wide enough to memorise 500 rows whose labels are 20% noise: a gap between its
+# training and test losses that the attack must see.
+OVERFIT = ["data.name=csv", "data.target=label", "data.test_frac=0.5", "model.hidden=[256,256]",
+           "train.epochs=80", "train.batch_size=50", "train.weight_decay=0", "train.log_every=100000", "train.eval_every=100000"]
+
+
+def write_csv(path, seed: int):
+    x, y = make_classification(n_samples=1000, n_features=20, n_informative=6, flip_y=0.2, random_state=seed)
+    rows = [",".join([*(f"{v:.5f}" for v in r), str(c)]) for r, c in zip(x, y)]
+    path.write_text(",".join([*(f"f{i}" for i in range(20)), "label"]) + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def overfit_runs(tmp_path_factory, one_thread_module):
+    """Two runs of the same recipe on two independent draws of the same distribution."""
+    base = tmp_path_factory.mktemp("audit")
+    runs = []
+    for seed in (0, 1):
+        csv = write_csv(base / f"table{seed}.csv", seed)
+        out = base / f"run{seed}"
+        assert cli.main(["train", "mlp-tabular", "--out", str(out), "--set", f"data.path={csv}",
+                         *[a for kv in OVERFIT for a in ("--set", kv)]]) == 0
+        runs.append(out)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_loss_attack_finds_a_memorised_training_set_and_writes_its_roc(overfit_runs, capsys):
+    run = overfit_runs[0]
+    capsys.readouterr()
+    assert cli.main(["audit", str(run)]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((run / runfolder.AUDIT).read_text())
+    loss = saved["attacks"]["loss"]
+    assert saved["members"] == saved["non_members"] == 500
+    assert loss["member_mean_loss"] < 0.05 and loss["non_member_mean_loss"] > 1.0
+    assert loss["auc"] > 0.65, loss["auc"]  # memorised: members' losses sit below most non-members'
+    assert 0 <= loss["tpr_at_0.1%_fpr"] <= 1 and loss["fpr_resolution"] == 1 / 500
+    assert loss["roc"]["fpr"][0] == 0 and loss["roc"]["tpr"][-1] == 1
+    assert f"AUC {loss['auc']:.4f}" in out
+    assert (run / runfolder.AUDIT_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from nnlab.report import build_report
+
+    html = build_report(run).read_text()  # the report's privacy section shows the audit
+    assert "Privacy: DP-SGD budget and membership inference" in html and f"{loss['auc']:.4g}" in html
+
+
+def test_the_loss_attack_is_at_chance_on_examples_the_model_never_saw(overfit_runs):
+    """Run 1's model against run 0's members: it saw none of them, so they look like test rows."""
+    task = make_task(load_config("mlp-tabular", overrides=[f"data.path={overfit_runs[0].parent / 'table0.csv'}",
+                                                           *OVERFIT]))
+    stranger, _ = runfolder.load(overfit_runs[1])
+    n = min(len(task.x_train), len(task.x_test))
+    result = loss_attack(stranger, (task.x_train[:n], task.y_train[:n]), (task.x_test[:n], task.data.y_test[:n]))
+    assert abs(result["auc"] - 0.5) < 0.07, result["auc"]
+    own, _ = runfolder.load(overfit_runs[0])
+    seen = loss_attack(own, (task.x_train[:n], task.y_train[:n]), (task.x_test[:n], task.data.y_test[:n]))
+    assert seen["auc"] > result["auc"] + 0.1
+
+
+def test_audit_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, text_file, capsys, overfit_runs):
+    assert cli.main(["audit", str(tmp_path / "nope")]) == 2
+    one_line_error(2, capsys.readouterr().err, "no such run folder")
+    half = tmp_path / "half"  # a run folder whose training never finished: config, no model
+    half.mkdir()
+    (half / runfolder.CONFIG).write_text((overfit_runs[0] / runfolder.CONFIG).read_text())
+    assert cli.main(["audit", str(half)]) == 2
+    one_line_error(2, capsys.readouterr().err, runfolder.MODEL_INFO)
+    assert cli.main(["audit", str(overfit_runs[0]), "--samples", "0"]) == 2
+    one_line_error(2, capsys.readouterr().err, "--samples")
+    text_run = tmp_path / "text"
+    assert cli.main(["train", "gpt-shakespeare", "--out", str(text_run), "--set", f"data.path={text_file}",
+                     "--set", "model.preset=tiny", "--set", "model.block_size=16", "--set", "train.max_steps=2",
+                     "--set", "train.eval_iters=1", "--set", "train.batch_size=4"]) == 0
+    capsys.readouterr()
+    assert cli.main(["audit", str(text_run)]) == 2
+    one_line_error(2, capsys.readouterr().err, "classifiers")
+    assert not (text_run / runfolder.AUDIT).exists() and not (half / runfolder.AUDIT).exists()
