@@ -27,7 +27,7 @@ from nnlab.data import read_idx, write_idx
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECIPES = {"seed-cnn", "seed-cnn-fast", "cnn", "vit", "fmnist-speedrun", "mlp-regression", "mlp-tabular", "gpt-shakespeare",
-           "gpt-shakespeare-fast", "gpt-shakespeare-speedrun", "dp-cnn"}
+           "gpt-shakespeare-fast", "gpt-shakespeare-speedrun", "dp-cnn", "cnn-robust"}
 SEED_CNN_PARAMS = 421_642
 CNN_STEPS = 25  # 320 images / batch 32 = 10 steps per epoch: the run crosses two epoch boundaries
 
