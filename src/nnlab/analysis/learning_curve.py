@@ -152,11 +152,14 @@ def plot(result: dict, path: Path) -> None:
         mean, std = np.array(m["mean"]), np.array(m["std"])
         line, = ax.plot(n, mean, marker="o", lw=2.5 if m["deep"] else 1.5, label=name + (" (deep)" if m["deep"] else ""))
         ax.fill_between(n, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    at: dict[int, list[str]] = {}  # one line per size, naming every baseline overtaken there
     for name, c in result["crossover"].items():
         if c["n_train"] is not None:
-            ax.axvline(c["n_train"], ls=":", color="gray")
-            ax.annotate(f"overtakes {name}", (c["n_train"], ax.get_ylim()[0]), rotation=90, va="bottom",
-                        ha="right", fontsize=8, color="gray")
+            at.setdefault(c["n_train"], []).append(name)
+    for n_cross, names in at.items():
+        ax.axvline(n_cross, ls=":", color="gray")
+        ax.annotate(f"overtakes {', '.join(names)}", (n_cross, ax.get_ylim()[0]), rotation=90, va="bottom",
+                    ha="right", fontsize=8, color="gray")
     ax.set_xscale("log")
     ax.set_xlabel("training examples")
     ax.set_ylabel("test accuracy")
