@@ -6,6 +6,7 @@ are built here (never downloaded), so no test depends on a data set being instal
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -102,15 +103,38 @@ def cli_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def one_thread():
-    """Run in-process torch work on one thread (see cli_env), restoring the setting afterwards."""
+@contextlib.contextmanager
+def single_thread():
+    """Torch work in this process on one thread (see cli_env), the setting restored afterwards."""
     import torch
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def module_one_thread():
+    """one_thread for a module's fixtures: tiny runs trained once and shared by its tests."""
+    with single_thread():
+        yield
+
+
+def train_quietly(recipe: str, sets: list[str], out: Path) -> Path:
+    """A tiny run trained in this process on one thread, logging and evaluating only at its end."""
+    import nnlab
+
+    with single_thread():
+        return nnlab.train(recipe, [*sets, "train.log_every=1000", "train.eval_every=1000"], out=str(out))
 
 
 @pytest.fixture(scope="session")

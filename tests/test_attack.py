@@ -15,24 +15,17 @@ import torch
 import nnlab
 from nnlab.analysis import attack as at
 from nnlab.kernels import build
+from conftest import train_quietly
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _train(recipe: str, sets: list[str], out: Path) -> Path:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return nnlab.train(recipe, [*sets, "train.log_every=1000", "train.eval_every=1000"], out=str(out))
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def seed_run(tmp_path_factory, fmnist_dir) -> Path:
     sets = [f"data.dir={fmnist_dir}", "train.max_steps=60", "train.batch_size=32", "train.lr=0.02",
             "train.momentum=0.9", "train.precision=fp32"]
-    return _train("seed-cnn", sets, tmp_path_factory.mktemp("attack") / "seed")
+    return train_quietly("seed-cnn", sets, tmp_path_factory.mktemp("attack") / "seed")
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +168,7 @@ def test_attack_writes_its_files_and_nothing_else(seed_run, tmp_path, cli_main):
 
 @pytest.fixture(scope="module")
 def table_run(tmp_path_factory) -> Path:
-    return _train("mlp-tabular", ["train.epochs=2"], tmp_path_factory.mktemp("attack") / "table")
+    return train_quietly("mlp-tabular", ["train.epochs=2"], tmp_path_factory.mktemp("attack") / "table")
 
 
 BAD = {

@@ -28,7 +28,7 @@ def write_csv(path, seed: int):
 
 
 @pytest.fixture(scope="module")
-def overfit_runs(tmp_path_factory, one_thread_module):
+def overfit_runs(tmp_path_factory, module_one_thread):
     """Two runs of the same recipe on two independent draws of the same distribution."""
     base = tmp_path_factory.mktemp("audit")
     runs = []
@@ -39,16 +39,6 @@ def overfit_runs(tmp_path_factory, one_thread_module):
                          *[a for kv in OVERFIT for a in ("--set", kv)]]) == 0
         runs.append(out)
     return runs
-
-
-@pytest.fixture(scope="module")
-def one_thread_module():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_the_loss_attack_finds_a_memorised_training_set_and_writes_its_roc(overfit_runs, capsys):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import nnlab
-from conftest import one_line_error
+from conftest import one_line_error, train_quietly
 from nnlab import kernels
 from nnlab.analysis import explain as ex
 from nnlab.analysis.explain_figures import text_heatmap
@@ -30,44 +30,36 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CONTRACT_KEYS = {"method", "model", "samples", "indices", "predicted", "true", "files", "written"}
 
 
-def _train(recipe: str, sets: list[str], out: Path) -> Path:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return nnlab.train(recipe, [*sets, "train.log_every=1000", "train.eval_every=1000"], out=str(out))
-    finally:
-        torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> Path:
-    return _train("seed-cnn", ["data.name=digits", "data.image_size=28", "train.max_steps=60", "train.batch_size=32",
+    return train_quietly("seed-cnn", ["data.name=digits", "data.image_size=28", "train.max_steps=60", "train.batch_size=32",
                                "train.lr=0.02", "train.momentum=0.9", "train.precision=fp32"],
                   tmp_path_factory.mktemp("explain") / "digits")
 
 
 @pytest.fixture(scope="module")
 def cnn_run(tmp_path_factory, fmnist_dir) -> Path:
-    return _train("cnn", [f"data.dir={fmnist_dir}", "model.preset=tiny", "train.max_steps=5", "train.batch_size=32"],
+    return train_quietly("cnn", [f"data.dir={fmnist_dir}", "model.preset=tiny", "train.max_steps=5", "train.batch_size=32"],
                   tmp_path_factory.mktemp("explain") / "cnn")
 
 
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory, fmnist_dir) -> Path:
-    return _train("vit", [f"data.dir={fmnist_dir}", "model.preset=tiny", "train.max_steps=10", "train.batch_size=32"],
+    return train_quietly("vit", [f"data.dir={fmnist_dir}", "model.preset=tiny", "train.max_steps=10", "train.batch_size=32"],
                   tmp_path_factory.mktemp("explain") / "vit")
 
 
 @pytest.fixture(scope="module")
 def gpt_run(tmp_path_factory, text_file) -> Path:
-    return _train("gpt-shakespeare", [f"data.path={text_file}", "model.preset=tiny", "train.max_steps=30",
+    return train_quietly("gpt-shakespeare", [f"data.path={text_file}", "model.preset=tiny", "train.max_steps=30",
                                       "train.eval_iters=2", "train.warmup_steps=0", "train.lr=0.01"],
                   tmp_path_factory.mktemp("explain") / "gpt")
 
 
 @pytest.fixture(scope="module")
 def mlp_run(tmp_path_factory) -> Path:
-    return _train("mlp-regression", ["train.epochs=30"], tmp_path_factory.mktemp("explain") / "mlp")
+    return train_quietly("mlp-regression", ["train.epochs=30"], tmp_path_factory.mktemp("explain") / "mlp")
 
 
 def setup(run: Path, n: int = 4):

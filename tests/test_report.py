@@ -36,20 +36,12 @@ IMG = re.compile(r'<img src="([^"]*)"')
 SEED_CNN_FLOPS = 2 * (28 * 28 * 32 * 9 + 14 * 14 * 64 * 32 * 9 + 3136 * 128 + 128 * 10)
 
 
-@pytest.fixture(scope="module")
-def threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def train(recipe: str, out: Path, sets: list[str]) -> Path:
     return nnlab.train(recipe, sets, out=str(out))
 
 
 @pytest.fixture(scope="module")
-def cnn_run(tmp_path_factory, fmnist_dir, threads) -> Path:
+def cnn_run(tmp_path_factory, fmnist_dir, module_one_thread) -> Path:
     """Three steps: the fixture's images are easy, and a longer run makes no mistake to show."""
     return train("seed-cnn", tmp_path_factory.mktemp("cnn") / "run",
                  [f"data.dir={fmnist_dir}", "train.max_steps=3", "train.batch_size=32", "train.lr=0.02",
@@ -261,7 +253,7 @@ def test_a_folder_that_is_not_a_finished_run_is_refused(cnn_run, cli_main, tmp_p
 
 # ---- a language model and a regression -----------------------------------------------------------
 
-def test_report_of_a_language_model(tmp_path, text_file, cli_main, threads):
+def test_report_of_a_language_model(tmp_path, text_file, cli_main, module_one_thread):
     run = train("gpt-shakespeare", tmp_path / "gpt",
                 [f"data.path={text_file}", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
                  "model.block_size=32", "train.max_steps=20", "train.eval_iters=2", "train.log_every=5",
@@ -283,7 +275,7 @@ def test_report_of_a_language_model(tmp_path, text_file, cli_main, threads):
     assert_self_contained(page)
 
 
-def test_report_of_a_regression(tmp_path, cli_main, threads):
+def test_report_of_a_regression(tmp_path, cli_main, module_one_thread):
     run = train("mlp-regression", tmp_path / "mlp", ["train.max_steps=20", "train.log_every=5", "train.eval_every=10"])
     page, _ = report(cli_main, run)
     assert made(page) == {"config", "curves", "regression", "efficiency"}

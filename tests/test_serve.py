@@ -38,22 +38,14 @@ SMALL_BODY = 64 * 1024  # the test apps' body limit: big enough for a 28x28 imag
 
 
 @pytest.fixture(scope="module")
-def threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cnn_run(tmp_path_factory, fmnist_dir, threads) -> Path:
+def cnn_run(tmp_path_factory, fmnist_dir, module_one_thread) -> Path:
     return nnlab.train("seed-cnn", [f"data.dir={fmnist_dir}", "train.max_steps=20", "train.batch_size=32",
                                     "train.lr=0.02", "train.momentum=0.9", "train.precision=fp32"],
                        out=str(tmp_path_factory.mktemp("cnn") / "run"))
 
 
 @pytest.fixture(scope="module")
-def gpt_run(tmp_path_factory, text_file, threads) -> Path:
+def gpt_run(tmp_path_factory, text_file, module_one_thread) -> Path:
     return nnlab.train("gpt-shakespeare", [f"data.path={text_file}", "model.preset=tiny", "train.max_steps=20",
                                            "train.eval_iters=1", "train.warmup_steps=0", "train.lr=0.01"],
                        out=str(tmp_path_factory.mktemp("gpt") / "run"))

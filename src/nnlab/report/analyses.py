@@ -214,6 +214,7 @@ def export_section(run: Run) -> Section:
     s.add(p(f"Checked against PyTorch on {check.get('data', '?')}.{cache}"),
           table(["precision", "file", "bytes", "top-1 agreement with PyTorch", "accuracy", "largest difference",
                  "quantization"], rows, numeric={2, 3, 4, 5}))
+    return s
 
 
 # ---- adversarial inputs ------------------------------------------------------------------------
