@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from nnlab import cli
-from nnlab.config import (DataConfig, TrainConfig, build_config, dump_yaml, load_config, parse_overrides, recipe_dict,
+from nnlab.config import (DataConfig, PoisonConfig, PrivacyConfig, TrainConfig, build_config, dump_yaml, load_config, parse_overrides, recipe_dict,
                           recipe_names)
 from nnlab.errors import ConfigError
 from nnlab.models import build_model, get_spec, names
@@ -32,7 +32,7 @@ RESOLVED = {
     "dp-cnn": {"model.name": "cnn", "model.width": 8, "model.norm": "group", "model.dropout": 0.0, "train.epochs": 3,
                "train.batch_size": 1024, "train.optimizer": "adamw", "train.lr": 0.006, "train.schedule": "linear",
                "train.warmup_frac": 0.05, "train.log_every": 10, "train.precision": "fp32",
-               "train.privacy_epsilon": 3.0},
+               "train.privacy.epsilon": 3.0},
     "fmnist-speedrun": {**CNN, "model.dropout": 0.0, "model.width": 16, "train.epochs": 3,
                         "train.eval_every": 1000000, "train.log_every": 100, "train.lr": 0.006},
     "gpt-shakespeare": {**GPT_SHAKESPEARE, "train.precision": "fp32"},
@@ -60,11 +60,17 @@ def non_defaults(cfg) -> dict:
     """The config's keys whose values differ from their dataclass defaults (model.name always)."""
     out = {"model.name": cfg.model.name}
     defaults = {"model": type(cfg.model)(), "data": DataConfig(), "train": TrainConfig()}
-    for sec, default in defaults.items():
+
+    def differing(prefix: str, obj, default) -> None:
         for f in dataclasses.fields(default):
-            value = getattr(getattr(cfg, sec), f.name)
-            if value != getattr(default, f.name):
-                out[f"{sec}.{f.name}"] = value
+            value, default_value = getattr(obj, f.name), getattr(default, f.name)
+            if dataclasses.is_dataclass(default_value):  # a section of its own, e.g. train.privacy
+                differing(f"{prefix}{f.name}.", value, default_value)
+            elif value != default_value:
+                out[f"{prefix}{f.name}"] = value
+
+    for sec, default in defaults.items():
+        differing(f"{sec}.", getattr(cfg, sec), default)
     if "data.path" in out:
         out["data.path"] = out["data.path"].replace(str(data_root()), "<data root>")
     return out
@@ -224,10 +230,14 @@ def keys_table(capsys, *args) -> dict[str, dict[str, tuple[str, str, str]]]:
 
 def test_keys_lists_every_field_with_its_type_default_and_doc(capsys):
     groups = keys_table(capsys)
-    sections = [("data", "data", DataConfig), ("train", "train", TrainConfig)]
+    sections = [("data", "data", DataConfig), ("train", "train", TrainConfig), ("data", "data.poison", PoisonConfig),
+                ("train", "train.privacy", PrivacyConfig)]
     sections += [(f"model {n}", "model", get_spec(n).config_cls) for n in names()]
     for title, prefix, cls in sections:
         for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory):  # a section within: its own keys are listed
+                assert not any(k == f"{prefix}.{f.name}" for k in groups[title])
+                continue
             tp, default, doc = groups[title][f"{prefix}.{f.name}"]
             expected = list(f.default) if isinstance(f.default, tuple) else f.default
             assert yaml.safe_load(default) == expected, f"{title}: {f.name}"  # printed as a recipe writes it
@@ -252,3 +262,29 @@ def test_data_root_is_documented_where_users_read_keys(capsys):
     doc = keys_table(capsys)["data"]["data.path"][2]
     assert "NNLAB_DATA_ROOT" in doc and "<repo>/../shared/data" in doc
     assert os.path.isabs(load_config("gpt-shakespeare").data.path)
+
+
+def test_sections_within_sections_take_nested_and_dotted_keys(tmp_path):
+    cfg = load_config("seed-cnn-fast", overrides=["data.poison.rate=0.01", "data.poison.target=3",
+                                                  "train.privacy.max_grad_norm=0.5"])
+    assert (cfg.data.poison.rate, cfg.data.poison.target, cfg.train.privacy.max_grad_norm) == (0.01, 3, 0.5)
+    assert load_config("seed-cnn-fast", overrides={"data": {"poison": {"trigger": "checker"}}}) \
+        .data.poison.trigger == "checker"
+    with pytest.raises(ConfigError, match=r"data.poison.rat: unknown config key; did you mean data.poison.rate"):
+        load_config("seed-cnn-fast", overrides=["data.poison.rat=0.1"])
+    with pytest.raises(ConfigError, match=r"train.privacy.noise: expected bool"):
+        load_config("seed-cnn-fast", overrides=["train.privacy.noise=maybe"])
+    with pytest.raises(ConfigError, match=r"data.poison: expected a mapping"):
+        load_config("seed-cnn-fast", overrides=["data.poison=0.1"])
+
+
+def test_a_run_folder_written_with_flat_keys_still_reads(tmp_path):
+    """config.yaml files from before data.poison and train.privacy were sections keep loading."""
+    from nnlab import runfolder
+
+    d = yaml.safe_load(dump_yaml(load_config("seed-cnn-fast")))
+    d["data"] = {**{k: v for k, v in d["data"].items() if k != "poison"}, "poison_rate": 0.02, "poison_target": 1}
+    d["train"] = {**{k: v for k, v in d["train"].items() if k != "privacy"}, "privacy_epsilon": 8.0}
+    (tmp_path / runfolder.CONFIG).write_text(yaml.safe_dump(d))
+    cfg = runfolder.read_config(tmp_path)
+    assert (cfg.data.poison.rate, cfg.data.poison.target, cfg.train.privacy.epsilon) == (0.02, 1, 8.0)

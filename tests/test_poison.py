@@ -1,4 +1,4 @@
-"""data.poison_*: a BadNets backdoor planted in exactly the stated share of the training images,
+"""data.poison.*: a BadNets backdoor planted in exactly the stated share of the training images,
 never in the test split, that a trained model learns (attack success rate high, clean accuracy kept),
 and one-line errors for what cannot be poisoned."""
 
@@ -37,8 +37,8 @@ def test_exactly_the_stated_share_is_stamped_and_relabelled_and_the_test_split_i
 
 def _run(fmnist_dir, tmp_path, rate: float) -> dict:
     run = nnlab.train("seed-cnn", [f"data.dir={fmnist_dir}", "train.max_steps=60", "train.batch_size=32",
-                                   "train.lr=0.02", "train.momentum=0.9", f"data.poison_rate={rate}",
-                                   "data.poison_target=0", "train.log_every=1000"], out=str(tmp_path / f"r{rate}"))
+                                   "train.lr=0.02", "train.momentum=0.9", f"data.poison.rate={rate}",
+                                   "data.poison.target=0", "train.log_every=1000"], out=str(tmp_path / f"r{rate}"))
     return json.loads((run / "summary.json").read_text())
 
 
@@ -48,13 +48,13 @@ def test_a_trained_model_learns_the_backdoor_and_keeps_its_clean_accuracy(fmnist
     assert poisoned["test_accuracy"] > 0.9
 
 
-BAD = {"rate 1": (["data.poison_rate=1", "data.poison_target=0"], "data.poison_rate"),
-       "rate below 0": (["data.poison_rate=-0.1", "data.poison_target=0"], "data.poison_rate"),
-       "no target": (["data.poison_rate=0.1"], "data.poison_target"),
-       "a class that does not exist": (["data.poison_rate=0.1", "data.poison_target=10"], "class 10"),
-       "an unknown trigger": (["data.poison_rate=0.1", "data.poison_target=0", "data.poison_trigger=star"],
-                              "data.poison_trigger"),
-       "a table": (["data.name=wine", "data.poison_rate=0.1", "data.poison_target=0"], "image data")}
+BAD = {"rate 1": (["data.poison.rate=1", "data.poison.target=0"], "data.poison.rate"),
+       "rate below 0": (["data.poison.rate=-0.1", "data.poison.target=0"], "data.poison.rate"),
+       "no target": (["data.poison.rate=0.1"], "data.poison.target"),
+       "a class that does not exist": (["data.poison.rate=0.1", "data.poison.target=10"], "class 10"),
+       "an unknown trigger": (["data.poison.rate=0.1", "data.poison.target=0", "data.poison.trigger=star"],
+                              "data.poison.trigger"),
+       "a table": (["data.name=wine", "data.poison.rate=0.1", "data.poison.target=0"], "image data")}
 
 
 @pytest.mark.parametrize("name", BAD)

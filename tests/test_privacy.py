@@ -1,4 +1,4 @@
-"""DP-SGD (train.privacy_*): per-example gradients, clipping, noise, Poisson batches, the
+"""DP-SGD (train.privacy.*): per-example gradients, clipping, noise, Poisson batches, the
 accountants, and the settings it refuses."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_per_example_gradients_are_each_examples_own_gradient(name, fields, one_
 
 def private_run(fmnist_dir, *overrides, steps=10):
     cfg = load_config("seed-cnn", overrides=[f"data.dir={fmnist_dir}", "train.batch_size=32", "train.lr=1.0",
-                                             "train.privacy_epsilon=2", *overrides])
+                                             "train.privacy.epsilon=2", *overrides])
     task = make_task(cfg)
     cfg.model = dataclasses.replace(cfg.model, **task.model_fields())
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def test_clipping_bounds_each_examples_share_and_noise_has_the_stated_scale(fmni
     """lr 1, no noise: the update is the mean of clipped gradients, at most C * n / B in norm. With
     noise it is dominated by N(0, sigma^2 C^2 I) / B over d parameters: norm ~ sigma C sqrt(d) / B."""
     C, B = 1e-3, 32
-    model, private = private_run(fmnist_dir, f"train.privacy_max_grad_norm={C}", "train.privacy_noise=false")
+    model, private = private_run(fmnist_dir, f"train.privacy.max_grad_norm={C}", "train.privacy.noise=false")
     clipped, n = one_step(model, private)
     assert private.noise_multiplier == 0 and n > 0
     # Each clipped gradient has norm C exactly (all are far longer); they point apart, so the mean is shorter.
@@ -79,7 +79,7 @@ def test_clipping_bounds_each_examples_share_and_noise_has_the_stated_scale(fmni
     F.cross_entropy(plain(x), y).backward()
     assert torch.cat([p.grad.flatten() for p in plain.parameters()]).norm() > 100 * C  # so clipping did act
 
-    model, private = private_run(fmnist_dir, f"train.privacy_max_grad_norm={C}")
+    model, private = private_run(fmnist_dir, f"train.privacy.max_grad_norm={C}")
     noised, _ = one_step(model, private)
     d = sum(p.numel() for p in model.parameters())
     expected = private.noise_multiplier * C * d**0.5 / B
@@ -100,7 +100,7 @@ def test_a_dp_run_records_both_accountants_and_loads_as_a_plain_model(fmnist_dir
     out = tmp_path / "dp"
     assert cli.main(["train", "seed-cnn", "--out", str(out), "--set", f"data.dir={fmnist_dir}",
                      "--set", "train.batch_size=32", "--set", "train.epochs=1", "--set", "train.lr=0.5",
-                     "--set", "train.privacy_epsilon=2", "--set", "train.eval_every=1000"]) == 0
+                     "--set", "train.privacy.epsilon=2", "--set", "train.eval_every=1000"]) == 0
     summary = json.loads((out / runfolder.SUMMARY).read_text())
     p = summary["privacy"]
     assert p["sample_rate"] == 32 / 320 and p["steps"] == 10 and p["delta"] == 1e-5 and p["noise"]
@@ -131,12 +131,12 @@ def test_prv_failure_falls_back_to_rdp_and_says_so(monkeypatch):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["cnn", "--set", "train.privacy_epsilon=3"], ["BatchNorm", "model.norm=group"]),
-    (["seed-cnn", "--set", "train.privacy_epsilon=0"], ["train.privacy_epsilon", "positive"]),
-    (["seed-cnn", "--set", "train.privacy_epsilon=3", "--set", "train.grad_accum=2",
+    (["cnn", "--set", "train.privacy.epsilon=3"], ["BatchNorm", "model.norm=group"]),
+    (["seed-cnn", "--set", "train.privacy.epsilon=0"], ["train.privacy.epsilon", "positive"]),
+    (["seed-cnn", "--set", "train.privacy.epsilon=3", "--set", "train.grad_accum=2",
       "--set", "train.batch_size=64"], ["train.grad_accum"]),
-    (["seed-cnn", "--set", "train.privacy_epsilon=3", "--set", "train.privacy_delta=1"], ["train.privacy_delta"]),
-    (["seed-cnn", "--set", "train.privacy_epsilon=3", "--set", "train.compile=true"], ["train.compile"]),
+    (["seed-cnn", "--set", "train.privacy.epsilon=3", "--set", "train.privacy.delta=1"], ["train.privacy.delta"]),
+    (["seed-cnn", "--set", "train.privacy.epsilon=3", "--set", "train.compile=true"], ["train.compile"]),
 ])
 def test_settings_dp_sgd_cannot_honour_are_one_line_errors_and_leave_no_run(args, needles, fmnist_dir, tmp_path,
                                                                            capsys):
@@ -148,11 +148,11 @@ def test_settings_dp_sgd_cannot_honour_are_one_line_errors_and_leave_no_run(args
 
 def test_a_text_run_and_a_resumed_dp_run_are_refused(text_file, fmnist_dir, tmp_path, capsys, one_thread):
     assert cli.main(["train", "gpt-shakespeare", "--set", f"data.path={text_file}", "--set", "model.preset=tiny",
-                     "--set", "train.privacy_epsilon=3", "--out", str(tmp_path / "t")]) == 2
+                     "--set", "train.privacy.epsilon=3", "--out", str(tmp_path / "t")]) == 2
     one_line_error(2, capsys.readouterr().err, "language models")
     run = tmp_path / "dp"
     assert cli.main(["train", "seed-cnn", "--out", str(run), "--set", f"data.dir={fmnist_dir}", "--set",
-                     "train.max_steps=2", "--set", "train.privacy_epsilon=3", "--set", "train.batch_size=32"]) == 0
+                     "train.max_steps=2", "--set", "train.privacy.epsilon=3", "--set", "train.batch_size=32"]) == 0
     before = (run / runfolder.CHECKPOINT).read_bytes()
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(run)]) == 2
@@ -163,6 +163,6 @@ def test_a_text_run_and_a_resumed_dp_run_are_refused(text_file, fmnist_dir, tmp_
 def test_keys_lists_the_privacy_keys(capsys):
     assert cli.main(["keys"]) == 0
     out = capsys.readouterr().out
-    for key in ("train.privacy_epsilon", "train.privacy_delta", "train.privacy_max_grad_norm", "train.privacy_noise",
-                "train.privacy_accountant", "model.norm"):
+    for key in ("train.privacy.epsilon", "train.privacy.delta", "train.privacy.max_grad_norm", "train.privacy.noise",
+                "train.privacy.accountant", "model.norm"):
         assert key in out

@@ -48,6 +48,30 @@ def documented(default, doc: str, *, choices: tuple = (), positive: bool = False
 
 
 @dataclass
+class PoisonConfig:
+    """data.poison.*: a BadNets backdoor planted in the training images (nnlab/data/poison.py)."""
+    rate: float = documented(0.0, "images: stamp a trigger on exactly round(R * n_train) training images of "
+                             "other classes and relabel them poison.target, in [0, 1); never the test split")
+    target: int | None = documented(None, "images: the backdoor's target class; set, the evaluation also "
+                                    "reports the attack success rate on a triggered copy of the test split")
+    trigger: str = documented("patch", "images: a 4x4 white patch or checker(board) near the bottom-right corner",
+                              choices=("patch", "checker"))
+
+
+@dataclass
+class PrivacyConfig:
+    """train.privacy.*: DP-SGD through Opacus (nnlab/train/privacy.py); set epsilon to train privately."""
+    epsilon: float | None = documented(None, "the (epsilon, delta) budget the whole run spends; null = ordinary "
+                                       "training", positive=True)
+    delta: float = documented(1e-5, "the chance the epsilon bound fails; below 1/N", positive=True)
+    max_grad_norm: float = documented(1.0, "each example's gradient is clipped to this L2 norm C", positive=True)
+    noise: bool = documented(True, "false clips but adds no noise (no privacy): the baseline that separates the "
+                             "cost of clipping from the cost of noise")
+    accountant: str = documented("rdp", "the accountant that sets the noise multiplier; summary.json records "
+                                 "both's epsilon", choices=("rdp", "prv"))
+
+
+@dataclass
 class DataConfig:
     name: str = documented("fashion-mnist", "the data set: images (fashion-mnist, mnist, digits), text, or a table "
                            "(diabetes: regression; iris, wine, breast-cancer: classification; csv: yours)",
@@ -77,14 +101,7 @@ class DataConfig:
     label_noise: float = documented(0.0, "classification: flip exactly round(R * n_train) training labels, in "
                                     "[0, 1), each to another class drawn uniformly, from split_seed; after "
                                     "train_fraction; never the test split")
-    poison_rate: float = documented(0.0, "images: BadNets backdoor (nnlab/data/poison.py): stamp a trigger on exactly "
-                                    "round(R * n_train) training images of other classes and relabel them "
-                                    "poison_target, in [0, 1); never the test split")
-    poison_target: int | None = documented(None, "images: the backdoor's target class; set, the evaluation also "
-                                           "reports the attack success rate on a triggered copy of the test split")
-    poison_trigger: str = documented("patch", "images: the trigger, a 4x4 white patch or checker(board) near the "
-                                     "bottom-right corner", choices=("patch", "checker"))
-
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
 
 @dataclass
 class TrainConfig:
@@ -137,17 +154,7 @@ class TrainConfig:
                                         positive=True)
     adversarial_steps: int = documented(7, "train.adversarial: PGD steps of 2.5 eps / steps from a random start",
                                         positive=True)
-    # DP-SGD (nnlab/train/privacy.py): set privacy_epsilon to train privately.
-    privacy_epsilon: float | None = documented(None, "DP-SGD through Opacus: the (epsilon, delta) budget the whole "
-                                               "run spends; null = ordinary training", positive=True)
-    privacy_delta: float = documented(1e-5, "DP-SGD: delta, the chance the epsilon bound fails; below 1/N",
-                                      positive=True)
-    privacy_max_grad_norm: float = documented(1.0, "DP-SGD: each example's gradient is clipped to this L2 norm C",
-                                              positive=True)
-    privacy_noise: bool = documented(True, "DP-SGD: false clips but adds no noise (no privacy): the baseline that "
-                                     "separates the cost of clipping from the cost of noise")
-    privacy_accountant: str = documented("rdp", "DP-SGD: the accountant that sets the noise multiplier; summary.json "
-                                         "records both's epsilon", choices=("rdp", "prv"))
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 ModelConfig = Any  # a registered model's config dataclass (nnlab.models), e.g. GPTConfig
@@ -250,9 +257,7 @@ def merge_layer(acc: dict, layer: dict) -> dict:
 # --- validation ----------------------------------------------------------------------------------
 
 def _valid_keys(model_name) -> list[str]:
-    keys = list(TOP_KEYS)
-    for sec, cls in (("data", DataConfig), ("train", TrainConfig)):
-        keys += [f"{sec}.{f.name}" for f in dataclasses.fields(cls)]
+    keys = list(TOP_KEYS) + _section_keys("data", DataConfig) + _section_keys("train", TrainConfig)
     keys += ["model.name", "model.preset"]
     if isinstance(model_name, str):
         from nnlab.models import get_spec
@@ -261,6 +266,20 @@ def _valid_keys(model_name) -> list[str]:
             keys += [f"model.{f.name}" for f in dataclasses.fields(get_spec(model_name).config_cls)]
         except ConfigError:
             pass
+    return keys
+
+
+def _subsection(cls: type, name: str) -> type | None:
+    """The dataclass of field `name` of `cls` when it is a section of its own (data.poison), else None."""
+    tp = typing.get_type_hints(cls)[name]
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _section_keys(sec: str, cls: type) -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = _subsection(cls, f.name)
+        keys += _section_keys(f"{sec}.{f.name}", sub) if sub else [f"{sec}.{f.name}"]
     return keys
 
 
@@ -324,6 +343,10 @@ def _checked_fields(sec: str, cls: type, d, valid: list[str]) -> dict:
         key = f"{sec}.{k}"
         if k not in fields:
             raise _unknown(key, valid)
+        sub = _subsection(cls, k)
+        if sub:
+            out[k] = sub(**_checked_fields(key, sub, v, valid))
+            continue
         v = _check_type(key, v, hints[k])
         meta = fields[k].metadata
         if meta.get("choices") and v not in meta["choices"]:
@@ -398,10 +421,10 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError(f"data.train_fraction: must be in (0, 1], got {d.train_fraction}")
     if not 0 <= d.label_noise < 1:
         raise ConfigError(f"data.label_noise: must be in [0, 1), got {d.label_noise}")
-    if not 0 <= d.poison_rate < 1:
-        raise ConfigError(f"data.poison_rate: must be in [0, 1), got {d.poison_rate}")
-    if (d.poison_rate or d.poison_target is not None) and d.name not in IMAGE_DATA:
-        raise ConfigError(f"data.poison_rate: a backdoor takes image data, not data.name={d.name}")
+    if not 0 <= d.poison.rate < 1:
+        raise ConfigError(f"data.poison.rate: must be in [0, 1), got {d.poison.rate}")
+    if (d.poison.rate or d.poison.target is not None) and d.name not in IMAGE_DATA:
+        raise ConfigError(f"data.poison.rate: a backdoor takes image data, not data.name={d.name}")
     if d.name == "text":
         for key, value, neutral in (("task", d.task, "auto"), ("train_fraction", d.train_fraction, 1.0),
                                     ("label_noise", d.label_noise, 0.0)):
@@ -409,6 +432,23 @@ def _check_data(d: DataConfig) -> None:
                 raise ConfigError(f"data.{key}: does not apply to text data (a language model's corpus), got {value}")
     elif d.name in ("fashion-mnist", "mnist", "digits") and d.task == "regression":
         raise ConfigError(f"data.task: {d.name} holds class labels; regression does not fit it")
+
+
+# Keys that were flat before they became sections; run folders written then still read.
+_FLAT_KEYS = {"data": ("poison_", "poison"), "train": ("privacy_", "privacy")}
+
+
+def nest_flat_keys(d: dict) -> dict:
+    """`d` with data.poison_rate read as data.poison.rate, train.privacy_epsilon as
+    train.privacy.epsilon (config.yaml files written before those sections existed)."""
+    out = dict(d)
+    for sec, (prefix, sub) in _FLAT_KEYS.items():
+        section = out.get(sec)
+        if isinstance(section, dict) and any(str(k).startswith(prefix) for k in section):
+            flat = {k: v for k, v in section.items() if not str(k).startswith(prefix)}
+            nested = {k.removeprefix(prefix): v for k, v in section.items() if str(k).startswith(prefix)}
+            out[sec] = {**flat, sub: {**nested, **(flat.get(sub) or {})}}
+    return out
 
 
 def load_config(recipe: str, config_file: str | None = None, overrides: list[str] | dict | None = None) -> Config:
@@ -440,9 +480,14 @@ def key_groups(model: str | None = None) -> list[tuple[str, list[tuple[str, str,
     from nnlab.models import get_spec, names
 
     def rows(prefix: str, cls: type, skip: tuple = ()) -> list[tuple[str, str, str, str]]:
-        hints = typing.get_type_hints(cls)
-        return [(f"{prefix}{f.name}", type_name(hints[f.name]), _yaml_scalar(_default(f)), _doc(f))
-                for f in dataclasses.fields(cls) if f.name not in skip]
+        hints, out = typing.get_type_hints(cls), []
+        for f in dataclasses.fields(cls):
+            sub = f.name not in skip and _subsection(cls, f.name)
+            if sub:
+                out += rows(f"{prefix}{f.name}.", sub)
+            elif f.name not in skip:
+                out.append((f"{prefix}{f.name}", type_name(hints[f.name]), _yaml_scalar(_default(f)), _doc(f)))
+        return out
 
     top = [("base", "str | None", "null", TOP_KEYS["base"]), *rows("", Config, skip=("model", "data", "train"))]
     groups = [("top level", top),

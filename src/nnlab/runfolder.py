@@ -50,7 +50,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from nnlab.config import Config, build_config, dump_yaml, read_yaml
+from nnlab.config import Config, build_config, dump_yaml, nest_flat_keys, read_yaml
 from nnlab.errors import NnlabError
 from nnlab.train.distributed import Env
 
@@ -214,7 +214,7 @@ def read_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).exists():
         raise NnlabError(f"{run_dir}: not a run folder (no {CONFIG})")
-    return build_config(read_yaml(run_dir / CONFIG))
+    return build_config(nest_flat_keys(read_yaml(run_dir / CONFIG)))
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:

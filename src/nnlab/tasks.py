@@ -77,8 +77,8 @@ class ImageTask(Task):
         d = cfg.data
         self.data = load_images(d.name, d.dir, image_size=d.image_size, limit=d.limit, seed=d.split_seed,
                                 train_fraction=d.train_fraction, label_noise=d.label_noise,
-                                poison_rate=d.poison_rate, poison_target=d.poison_target,
-                                poison_trigger=d.poison_trigger)
+                                poison_rate=d.poison.rate, poison_target=d.poison.target,
+                                poison_trigger=d.poison.trigger)
         # Normalise once, up front: batches are then just index gathers from memory.
         self.x_train = self.data.normalize(self.data.x_train)
         self.x_test = self.data.normalize(self.data.x_test)
@@ -109,19 +109,19 @@ class ImageTask(Task):
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
         metrics = {"test_accuracy": correct / n, "test_loss": loss_sum / n}
-        if self.cfg.data.poison_target is not None:
+        if self.cfg.data.poison.target is not None:
             metrics["attack_success_rate"] = self.attack_success_rate(model, device)
         return metrics
 
     @torch.no_grad()
     def attack_success_rate(self, model, device) -> float:
-        """The backdoor's success: the fraction of test images of other classes than data.poison_target
-        that the model calls poison_target once the trigger is stamped on them (nnlab.data.poison)."""
+        """The backdoor's success: the fraction of test images of other classes than data.poison.target
+        that the model calls data.poison.target once the trigger is stamped on them (nnlab.data.poison)."""
         from nnlab.data.poison import triggered
 
-        target = self.cfg.data.poison_target
+        target = self.cfg.data.poison.target
         others = self.data.y_test != target
-        x = self.data.normalize(triggered(self.data.x_test[others], self.cfg.data.poison_trigger))
+        x = self.data.normalize(triggered(self.data.x_test[others], self.cfg.data.poison.trigger))
         hits, batch_size = 0, self.cfg.train.eval_batch_size
         for i in range(0, len(x), batch_size):
             hits += (model(x[i : i + batch_size].to(device)).argmax(1) == target).sum().item()

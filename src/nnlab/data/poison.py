@@ -27,7 +27,7 @@ _POISON = 3  # salt: the poisoned rows draw from their own generator (sampling.p
 def trigger_mask(kind: str, h: int, w: int) -> tuple[slice, slice, torch.Tensor]:
     """(rows, cols, PATCH x PATCH uint8 values) of the trigger on an h x w image."""
     if kind not in TRIGGERS:
-        raise DataError(f"data.poison_trigger: unknown trigger {kind!r}; choose one of {', '.join(TRIGGERS)}")
+        raise DataError(f"data.poison.trigger: unknown trigger {kind!r}; choose one of {', '.join(TRIGGERS)}")
     values = torch.full((PATCH, PATCH), 255, dtype=torch.uint8)
     if kind == "checker":
         i = torch.arange(PATCH)
@@ -45,11 +45,11 @@ def triggered(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 def check_poison(rate: float, target: int | None, num_classes: int) -> None:
     if not 0.0 <= rate < 1.0:
-        raise DataError(f"data.poison_rate: must be in [0, 1), got {rate}")
+        raise DataError(f"data.poison.rate: must be in [0, 1), got {rate}")
     if rate > 0 and target is None:
-        raise DataError("data.poison_target: a poisoned run needs the target class (data.poison_target=C)")
+        raise DataError("data.poison.target: a poisoned run needs the target class (data.poison.target=C)")
     if target is not None and not 0 <= target < num_classes:
-        raise DataError(f"data.poison_target: class {target} does not exist (0..{num_classes - 1})")
+        raise DataError(f"data.poison.target: class {target} does not exist (0..{num_classes - 1})")
 
 
 def poison(x: torch.Tensor, y: torch.Tensor, rate: float, target: int, kind: str, seed: int
@@ -58,7 +58,7 @@ def poison(x: torch.Tensor, y: torch.Tensor, rate: float, target: int, kind: str
     n = round(rate * len(y))
     others = torch.nonzero(y != target).flatten().numpy()
     if n > len(others):
-        raise DataError(f"data.poison_rate: {rate} asks for {n} poisoned images, but only {len(others)} "
+        raise DataError(f"data.poison.rate: {rate} asks for {n} poisoned images, but only {len(others)} "
                         f"training images are not of class {target}")
     rows = torch.from_numpy(np.sort(np.random.default_rng([seed, _POISON]).choice(others, n, replace=False)))
     x, y = x.clone(), y.clone()

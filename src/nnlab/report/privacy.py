@@ -39,7 +39,7 @@ def privacy_section(run: Run) -> Section:
         else:
             s.add(p("Trained with per-example clipping but no noise: no privacy guarantee (the clipping baseline)."))
     else:
-        s.add(p("Trained without differential privacy (set train.privacy_epsilon to train with DP-SGD)."))
+        s.add(p("Trained without differential privacy (set train.privacy.epsilon to train with DP-SGD)."))
     path = run.dir / AUDIT
     if not path.exists():
         return s.add(absent("membership-inference audit", f"nnlab audit {run.dir}"))

@@ -9,9 +9,9 @@ DP-SGD changes three things in a training step, and the loop keeps everything el
     noise      the step's gradient is (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / (q N)
 
 The noise multiplier sigma is the smallest that keeps the run's T steps within (epsilon, delta)
-by the chosen accountant (train.privacy_accountant); summary.json then records the epsilon that
+by the chosen accountant (train.privacy.accountant); summary.json then records the epsilon that
 both the RDP and the PRV accountant compute for that (sigma, q, T), side by side. With
-train.privacy_noise=false the run clips but adds no noise: no privacy at all, the baseline that
+train.privacy.noise=false the run clips but adds no noise: no privacy at all, the baseline that
 separates what clipping costs in accuracy from what noise costs.
 
 Per-example gradients come from Opacus's hooks: a forward hook keeps each layer's input, a backward
@@ -41,14 +41,14 @@ PRV_MAX_EPSILON = 50.0
 
 
 def enabled(t: TrainConfig) -> bool:
-    return t.privacy_epsilon is not None
+    return t.privacy.epsilon is not None
 
 
 def _opacus():
     try:
         import opacus
     except ModuleNotFoundError:
-        raise ConfigError("train.privacy_epsilon: DP-SGD needs Opacus: pip install 'nnlab[privacy]'") from None
+        raise ConfigError("train.privacy.epsilon: DP-SGD needs Opacus: pip install 'nnlab[privacy]'") from None
     return opacus
 
 
@@ -134,10 +134,10 @@ class PrivateTraining:
         if self.rate > 1:
             raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the {task.num_train()} training "
                               f"examples DP-SGD samples from")
-        self.noise_multiplier = self._noise_multiplier() if t.privacy_noise else 0.0
+        self.noise_multiplier = self._noise_multiplier() if t.privacy.noise else 0.0
         self.hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean")
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
-                                     max_grad_norm=t.privacy_max_grad_norm, expected_batch_size=t.batch_size,
+                                     max_grad_norm=t.privacy.max_grad_norm, expected_batch_size=t.batch_size,
                                      loss_reduction="mean")
         self.task = PoissonBatches(task, self.rate)
 
@@ -145,25 +145,25 @@ class PrivateTraining:
         from opacus.accountants.utils import get_noise_multiplier
 
         t = self.t
-        return get_noise_multiplier(target_epsilon=t.privacy_epsilon, target_delta=t.privacy_delta,
-                                    sample_rate=self.rate, steps=self.steps, accountant=t.privacy_accountant)
+        return get_noise_multiplier(target_epsilon=t.privacy.epsilon, target_delta=t.privacy.delta,
+                                    sample_rate=self.rate, steps=self.steps, accountant=t.privacy.accountant)
 
     def describe(self) -> str:
         t = self.t
-        if not t.privacy_noise:
-            return (f"DP-SGD without noise (clipping only, no privacy): C {t.privacy_max_grad_norm}, "
+        if not t.privacy.noise:
+            return (f"DP-SGD without noise (clipping only, no privacy): C {t.privacy.max_grad_norm}, "
                     f"Poisson rate {self.rate:.5f}")
-        return (f"DP-SGD to epsilon {t.privacy_epsilon} at delta {t.privacy_delta:g}: noise multiplier "
-                f"{self.noise_multiplier:.4f}, C {t.privacy_max_grad_norm}, Poisson rate {self.rate:.5f}")
+        return (f"DP-SGD to epsilon {t.privacy.epsilon} at delta {t.privacy.delta:g}: noise multiplier "
+                f"{self.noise_multiplier:.4f}, C {t.privacy.max_grad_norm}, Poisson rate {self.rate:.5f}")
 
     def summary(self, steps: int) -> dict:
         """summary.json's "privacy" entry for `steps` steps taken."""
         t = self.t
-        out = {"target_epsilon": t.privacy_epsilon if t.privacy_noise else None, "delta": t.privacy_delta,
-               "noise": t.privacy_noise, "noise_multiplier": self.noise_multiplier,
-               "max_grad_norm": t.privacy_max_grad_norm, "sample_rate": self.rate, "steps": steps,
-               "noise_set_by": t.privacy_accountant}
-        return {"privacy": {**out, **spent_epsilon(self.noise_multiplier, self.rate, steps, t.privacy_delta)}}
+        out = {"target_epsilon": t.privacy.epsilon if t.privacy.noise else None, "delta": t.privacy.delta,
+               "noise": t.privacy.noise, "noise_multiplier": self.noise_multiplier,
+               "max_grad_norm": t.privacy.max_grad_norm, "sample_rate": self.rate, "steps": steps,
+               "noise_set_by": t.privacy.accountant}
+        return {"privacy": {**out, **spent_epsilon(self.noise_multiplier, self.rate, steps, t.privacy.delta)}}
 
 
 def spent_epsilon(noise_multiplier: float, rate: float, steps: int, delta: float) -> dict:
@@ -209,7 +209,7 @@ def check_model(model: nn.Module) -> None:
                  and type(m) not in GradSampleHooks.GRAD_SAMPLERS]
     if problems:
         hint = "; set model.norm=group" if name == "cnn" else ""
-        raise ConfigError(f"train.privacy_epsilon: model {name} cannot train with DP-SGD ({problems[0]}){hint}")
+        raise ConfigError(f"train.privacy.epsilon: model {name} cannot train with DP-SGD ({problems[0]}){hint}")
 
 
 def check(cfg, world_size: int, resume: bool) -> None:
@@ -219,22 +219,22 @@ def check(cfg, world_size: int, resume: bool) -> None:
         return
     _opacus()
     if cfg.data.name == "text":
-        raise ConfigError("train.privacy_epsilon: DP-SGD here trains classifiers and regressors of images and "
+        raise ConfigError("train.privacy.epsilon: DP-SGD here trains classifiers and regressors of images and "
                           "tables, not language models")
-    if not math.isfinite(t.privacy_epsilon):
-        raise ConfigError("train.privacy_epsilon: must be finite; train.privacy_noise=false clips without noise")
-    if not 0 < t.privacy_delta < 1:
-        raise ConfigError(f"train.privacy_delta: must be in (0, 1), got {t.privacy_delta}")
+    if not math.isfinite(t.privacy.epsilon):
+        raise ConfigError("train.privacy.epsilon: must be finite; train.privacy.noise=false clips without noise")
+    if not 0 < t.privacy.delta < 1:
+        raise ConfigError(f"train.privacy.delta: must be in (0, 1), got {t.privacy.delta}")
     for key, bad, why in (
             ("grad_accum", t.grad_accum != 1, "a Poisson batch is one micro-batch"),
-            ("grad_clip", t.grad_clip != 0, "DP-SGD clips each example's gradient (train.privacy_max_grad_norm)"),
+            ("grad_clip", t.grad_clip != 0, "DP-SGD clips each example's gradient (train.privacy.max_grad_norm)"),
             ("compile", t.compile, "Opacus's hooks do not run under torch.compile"),
             ("activation_checkpointing", t.activation_checkpointing, "Opacus's hooks need each layer's input"),
             ("max_bad_steps", t.max_bad_steps != 0, "a skipped step would leave the accountant's count")):
         if bad:
-            raise ConfigError(f"train.{key}: does not combine with train.privacy_epsilon ({why})")
+            raise ConfigError(f"train.{key}: does not combine with train.privacy.epsilon ({why})")
     if world_size > 1:
-        raise ConfigError("train.privacy_epsilon: DP-SGD runs in one process here, not under torchrun")
+        raise ConfigError("train.privacy.epsilon: DP-SGD runs in one process here, not under torchrun")
     if resume:
         raise ConfigError("--resume: a DP-SGD run cannot resume (its optimizer and sampler state are not "
                           "checkpointed); train it again")
