@@ -10,6 +10,7 @@ check that figures exist, not what they are.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +18,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import sample_text
+
 ROOT = Path(__file__).resolve().parent.parent
 HANG_GUARD = 300  # seconds; only stops a hung run, it is not a speed check
 
 
 def test_quick_b4_writes_results_and_greedy_tokens_match(tmp_path):
-    out = tmp_path / "results.json"
+    out, data_root = tmp_path / "results.json", tmp_path / "data"
+    data_root.mkdir()
+    (data_root / "tinyshakespeare.txt").write_text(sample_text(), encoding="utf-8")  # B4 trains the recipe
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "B4", "--json", str(out)]
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD)
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD,
+                       env={**os.environ, "NNLAB_DATA_ROOT": str(data_root)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
     doc = json.loads(out.read_text())
@@ -46,14 +52,22 @@ def test_quick_b4_writes_results_and_greedy_tokens_match(tmp_path):
     # its cached path also recomputes the cropped context (the case nanoGPT's sampler is in).
     assert models["random-1024"]["config"]["block_size"] >= prompt + new
     assert models["gpt-shakespeare"]["config"]["block_size"] == 64 < prompt + new
-    for m4 in models.values():
+    for m4, ratio, sides in ((models["random-1024"], "ratio_vs_recompute", 2),
+                             (models["gpt-shakespeare"], "ratio_vs_sample_py", 4)):
         assert m4["greedy_identical"] is True
-        assert len(m4["results"]) == 2  # the cached and the recomputing path
+        assert len(m4["results"]) == sides  # cached and recomputing; sample.py, exact and two shifts
         for res in m4["results"].values():
-            for key in ("tokens_per_s", "ratio_vs_recompute", "mfu"):
+            for key in ("tokens_per_s", ratio, "mfu"):
                 assert {"median", "min", "max", "n", "values"} <= res[key].keys()
                 assert res[key]["median"] > 0
-    assert "greedy tokens identical (cache vs recompute), every model and repeat: True" in r.stdout
+    shakespeare = models["gpt-shakespeare"]
+    per_length = shakespeare["loss_by_context"]["per_context_length"]
+    assert len(per_length) == 64 and all(v > 0 for v in per_length)
+    losses = [res["val_loss_at_its_contexts"] for res in shakespeare["results"].values()
+              if "val_loss_at_its_contexts" in res]
+    assert len(losses) == 3 and losses[0] == per_length[-1]  # exact: a full context for every token
+    assert all(v > 0 for v in shakespeare["breakdown_ms"].values())
+    assert "greedy tokens identical where they must be, every model and repeat: True" in r.stdout
     assert m["processor"] in r.stdout and "measured matmul peak" in r.stdout
 
 

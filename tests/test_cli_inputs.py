@@ -119,6 +119,20 @@ def test_generate_rejects_a_top_k_below_1(gpt_run, cli_main, top_k):
     assert out == ""
 
 
+def test_generate_context_shift_samples_from_the_cache_and_checks_its_range(gpt_run, cli_main):
+    block = json.loads((Path(gpt_run) / "model.json").read_text())["model"]["block_size"]
+    common = ("generate", gpt_run, "--prompt", "First", "--max-new-tokens", 3 * block, "--temperature", 0)
+    rc, exact, err = cli_main(*common)
+    assert rc == 0, err
+    rc, shifted, err = cli_main(*common, "--context-shift", block // 2)
+    assert rc == 0, err
+    assert len(shifted) == len(exact) and shifted[: block] == exact[: block]  # the same until the context fills
+    for bad in (block, -1):
+        rc, out, err = cli_main(*common, "--context-shift", bad)
+        one_line_error(rc, err, "context_shift", f"got {bad}")
+        assert out == ""
+
+
 def test_eval_on_a_text_run_prints_val_loss(gpt_run, cli_main):
     rc, out, err = cli_main("eval", gpt_run)
     assert rc == 0, err

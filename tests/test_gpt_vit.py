@@ -124,6 +124,38 @@ def test_kv_cache_generation_equals_recompute_greedy(explicit):
     assert torch.equal(cached, recomputed)
 
 
+def shifted_context_reference(m, prompt, n: int, shift: int, seed: int):
+    """Sampled tokens (temperature 1) under the context_shift policy, by recomputing: once the
+    context would pass block_size tokens, it restarts from its newest block_size - shift tokens."""
+    block, idx, start = m.cfg.block_size, prompt, max(0, prompt.shape[1] - m.cfg.block_size)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(n):
+            if idx.shape[1] - start > block:
+                start = idx.shape[1] - (block - shift)
+            probs = torch.softmax(m(idx[:, start:])[:, -1].float(), dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=g)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+@pytest.mark.parametrize("shift,prompt_len", [(1, 4), (5, 4), (15, 4), (4, 20)])
+def test_context_shift_decodes_what_its_shorter_contexts_recompute(explicit, shift, prompt_len):
+    m = set_explicit(tiny_gpt(seed=1), explicit)  # block_size 16: 40 new tokens cross it several times
+    prompt = torch.randint(0, VOCAB, (2, prompt_len))
+    def sample(**kw):
+        return generate(m, prompt, 40, temperature=1.0, generator=torch.Generator().manual_seed(5), **kw)
+
+    got = sample(context_shift=shift)
+    assert torch.equal(got, shifted_context_reference(m, prompt, 40, shift, seed=5))
+    assert not torch.equal(got, sample())  # shorter contexts: other probabilities, other tokens
+    for bad in (-1, 16, 2.0, True):
+        with pytest.raises(ValueError, match="context_shift"):
+            generate(m, prompt, 3, context_shift=bad)
+    with pytest.raises(ValueError, match="needs the cache"):
+        generate(m, prompt, 3, context_shift=2, use_cache=False)
+
+
 def test_sampling_is_reproducible_with_a_seeded_generator():
     m = tiny_gpt(seed=2)
     prompt = torch.randint(0, VOCAB, (2, 3))

@@ -31,7 +31,8 @@ def cmd_eval(a) -> None:
 def cmd_generate(a) -> None:
     from nnlab.generate import generate_text
 
-    kw = {k: getattr(a, k) for k in ("max_new_tokens", "temperature", "top_k", "seed") if getattr(a, k) is not None}
+    kw = {k: getattr(a, k) for k in ("max_new_tokens", "temperature", "top_k", "seed", "context_shift")
+          if getattr(a, k) is not None}
     print(generate_text(a.run_dir, a.prompt, **kw))
 
 
@@ -170,6 +171,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int)
+    g.add_argument("--context-shift", type=int, help="0 (default): every token sees the full context, as "
+                   "nanoGPT's sample.py; S: once it fills, keep its newest block_size - S tokens and decode from "
+                   "the cache (faster, shorter contexts; nnlab.generate)")
     b = sub.add_parser("baselines", help="fit traditional ML (scikit-learn) on the deep models' split and compare")
     b.add_argument("--data", help="a data set, as data.name (default fashion-mnist)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

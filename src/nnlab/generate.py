@@ -14,8 +14,16 @@ Two ways to compute z, which give the same tokens (tests/test_gpt_vit.py checks 
 The cache stops being usable once the sequence outgrows block_size. The model's positions are
 learned embeddings of absolute indices 0..block_size-1; cropping the context shifts every kept
 token to a new position, and their cached K and V were computed with the old position embedding
-mixed in (through every layer), so they cannot be reused by sliding the window. From then on each
-step recomputes the cropped context exactly as use_cache=False does.
+mixed in (through every layer), so they cannot be reused by sliding the window. Past that point
+there are two policies, chosen by `context_shift`:
+  context_shift=0 (exact, the default): each step recomputes the cropped context exactly as
+      use_cache=False does, so the tokens are nanoGPT's; each costs a block_size-token forward.
+  context_shift=s > 0: when the cache is full, drop the oldest s tokens of the context, prefill
+      the remaining block_size - s once at positions 0.., and decode the next s tokens from the
+      cache. Each token then costs one cached step plus 1/s of a prefill, but sees between
+      block_size - s and block_size tokens of context instead of always block_size: a different,
+      slightly shorter-sighted sampler (benchmarks/b4_generate.py measures both what it saves
+      and what it costs in loss).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ def generate(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    context_shift: int = 0,
 ) -> Tensor:
     """Continue each prompt row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
@@ -54,7 +63,7 @@ def generate(
     dropout) under torch.inference_mode; the model's previous train/eval mode is restored.
     The same `generator` seed gives the same tokens (on the same device and torch version).
     """
-    tokens = generate_stream(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
+    tokens = generate_stream(model, idx, max_new_tokens, temperature, top_k, generator, use_cache, context_shift)
     was_training = model.training
     model.eval()  # dropout off: generation is inference
     try:
@@ -71,6 +80,7 @@ def generate_stream(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    context_shift: int = 0,
 ) -> Iterator[Tensor]:
     """generate()'s tokens one step at a time: an iterator of max_new_tokens (B, 1) tensors.
 
@@ -89,28 +99,39 @@ def generate_stream(
         raise ValueError(f"idx must be a non-empty LongTensor of shape (B, T), got {idx.dtype} {tuple(idx.shape)}")
     if use_cache and not hasattr(model, "forward_with_cache"):
         raise ValueError(f"{type(model).__name__} has no forward_with_cache; call generate with use_cache=False")
-    return _steps(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
+    block_size = model.cfg.block_size
+    if isinstance(context_shift, bool) or not isinstance(context_shift, int) or not 0 <= context_shift < block_size:
+        raise ValueError(f"context_shift must be an integer in [0, block_size={block_size}), got {context_shift!r}")
+    if context_shift and not use_cache:
+        raise ValueError("context_shift needs the cache (use_cache=True)")
+    return _steps(model, idx, max_new_tokens, temperature, top_k, generator, use_cache, context_shift)
 
 
-def _steps(model, idx, max_new_tokens, temperature, top_k, generator, use_cache) -> Iterator[Tensor]:
+def _steps(model, idx, max_new_tokens, temperature, top_k, generator, use_cache, context_shift) -> Iterator[Tensor]:
     block_size = model.cfg.block_size
     # The model's one-token fast path, unless it was asked for the article's explicit formulas.
     fast = use_cache and hasattr(model, "decode_step") and not any(getattr(m, "explicit", False) for m in model.modules())
-    past = cache = None  # K, V of every token of idx but the last, once prefilled
-    for _ in range(max_new_tokens):
+    past = cache = None  # K, V of the context's tokens, as a list (past) or preallocated (cache)
+    cached = 0  # how many of the context's tokens they hold; the newest token is not among them
+    for step in range(max_new_tokens):
         with torch.inference_mode():
             T = idx.shape[1]
-            if cache is not None and T <= block_size:
-                logits = model.decode_step(idx[:, -1], cache)  # (B, vocab)
-            elif use_cache and T <= block_size:
-                # Prefill with the whole prompt once, then feed only the newest token.
-                new = idx if past is None else idx[:, -1:]  # (B, T) or (B, 1)
-                logits, past = model.forward_with_cache(new, past)
+            if use_cache and 0 < cached < block_size:  # room for the newest token: feed only it
+                if cache is not None:
+                    logits = model.decode_step(idx[:, -1], cache)  # (B, vocab)
+                else:
+                    logits, past = model.forward_with_cache(idx[:, -1:], past)
+                    logits = logits[:, -1, :]
+                cached += 1
+            elif use_cache and (cached == 0 or context_shift):
+                # Prefill the context once (the prompt, or after a shift its newest tokens).
+                cached = min(T, block_size) if cached == 0 else block_size - context_shift
+                logits, past = model.forward_with_cache(idx[:, -cached:])
                 logits = logits[:, -1, :]
                 if fast:  # from here on, one token at a time into a preallocated cache
-                    cache = model.decode_cache_from(past, min(block_size, T + max_new_tokens))
+                    cache = model.decode_cache_from(past, min(block_size, cached + max_new_tokens - step))
             else:
-                # No cache, or the context outgrew block_size (see the module docstring).
+                # No cache, or a full context under the exact policy (see the module docstring).
                 past = cache = None
                 logits = model(idx[:, -block_size:])[:, -1, :]  # (B, vocab)
             nxt = _next_token(logits, temperature, top_k, generator)  # (B, 1)
@@ -119,7 +140,7 @@ def _steps(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
 
 
 def generate_text(run_dir, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                  top_k: int | None = 200, seed: int = 1337) -> str:
+                  top_k: int | None = 200, seed: int = 1337, context_shift: int = 0) -> str:
     """Load a trained language model from its run folder and continue `prompt`; returns prompt + sample."""
     from nnlab.data import tokenizer_from_json
     from nnlab.errors import NnlabError
@@ -140,7 +161,7 @@ def generate_text(run_dir, prompt: str, max_new_tokens: int = 200, temperature: 
     idx = torch.tensor([tok.encode(prompt)], dtype=torch.long)
     try:
         out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                       generator=torch.Generator().manual_seed(seed))
+                       generator=torch.Generator().manual_seed(seed), context_shift=context_shift)
     except ValueError as e:
         raise NnlabError(f"generate: {e}") from None
     return tok.decode(out[0].tolist())
