@@ -163,3 +163,15 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, text_file, cli
     assert rc == 0
     one_line_error(*cli_main("detect-poison", text_run)[::2], "image classifiers")
     assert not (text_run / runfolder.DETECT_POISON).exists()
+
+
+def test_the_report_shows_the_backdoor_and_what_detection_found(runs):
+    from nnlab.report import build_report
+
+    run = runs[0.05]
+    saved = detect_poison(run, expected=0.2)
+    html = build_report(run).read_text()
+    assert "Tampered training data: backdoor and its detection" in html and "attack success rate 100.0%" in html
+    target = saved["per_class"][TARGET]
+    assert f"{100 * target['recall']:.1f}%" in html and f"{100 * target['precision']:.1f}%" in html
+    assert "16 training images were poisoned" in html
