@@ -153,7 +153,8 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, text_file, cli
     for args, needle in [((tmp_path / "nope",), "no such run folder"),
                          ((run, "--method", "magic"), "unknown method"),
                          ((run, "--expected", "1.5"), "--expected"),
-                         ((run, "--out", tmp_path), "is a folder")]:
+                         ((run, "--out", tmp_path), "is a folder"),
+                         ((run, "--out", tmp_path / "no" / "such.json"), "no folder")]:
         one_line_error(*cli_main("detect-poison", *args)[::2], needle)
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
     text_run = tmp_path / "text"

@@ -150,6 +150,8 @@ def detect_poison(run_dir, method: str = "spectral", expected: float | None = No
     out = Path(out) if out is not None else run_dir / runfolder.DETECT_POISON
     if out.is_dir():
         raise NnlabError(f"--out {out}: is a folder, not a file")
+    if not out.parent.is_dir():
+        raise NnlabError(f"--out {out}: no folder {out.parent} to write it in")
     cfg = runfolder.read_config(run_dir)
     model, info = runfolder.load(run_dir)
     if info.get("task") != "image":
@@ -190,7 +192,10 @@ def detect_poison(run_dir, method: str = "spectral", expected: float | None = No
               "flagged_rows": np.flatnonzero(flags).tolist()}
     result["wall_s"] = round(time.perf_counter() - start, 3)
     result["written"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    runfolder.write_json(out, result)
+    try:
+        runfolder.write_json(out, result)
+    except OSError as e:  # no permission, a full disk
+        raise NnlabError(f"{out}: cannot write ({e.strerror or e})") from None
     result["path"] = str(out)
     return result
 
