@@ -5,11 +5,14 @@ features, handle a clean run, and refuse bad input with one line and nothing wri
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error, train_quietly
+from conftest import cli_env, one_line_error, train_quietly
 from torch import nn
 
 from nnlab import runfolder
@@ -176,3 +179,23 @@ def test_the_report_shows_the_backdoor_and_what_detection_found(runs):
     target = saved["per_class"][TARGET]
     assert f"{100 * target['recall']:.1f}%" in html and f"{100 * target['precision']:.1f}%" in html
     assert "16 training images were poisoned" in html
+
+
+def test_the_backdoor_benchmark_writes_its_table(fmnist_dir, tmp_path):
+    """benchmarks/backdoor.py end to end at tiny scale: every rate's row, both methods, the wall time."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "backdoor.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "backdoor.py"), "--rates", "0,0.05", "--out", str(tmp_path / "runs"),
+           "--json", str(out), *[a for s in [f"data.dir={fmnist_dir}", *TINY[:4], "train.log_every=1000"]
+                                 for a in ("--set", s)]]
+    r = subprocess.run(cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=cli_env())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    clean, poisoned = doc["rows"]
+    assert (clean["rate"], clean["poisoned_rows"], poisoned["rate"], poisoned["poisoned_rows"]) == (0, 0, 0.05, 16)
+    assert clean["attack_success_rate"] < 0.2 and poisoned["attack_success_rate"] > 0.9
+    for method in ("spectral", "activation-clustering"):
+        assert clean["detection"][method]["target_class"]["recall"] is None
+        target = poisoned["detection"][method]["target_class"]
+        assert target["recall"] > target["flagged"] / target["rows"] + 0.2, (method, target)
+    assert doc["total_wall_s"] > 0 and "# total wall time" in r.stdout
