@@ -81,6 +81,20 @@ def cmd_audit(a) -> None:
     print(format_result(audit(a.run_dir, **kw)))
 
 
+def cmd_detect_poison(a) -> None:
+    from rich.console import Console
+
+    from nnlab.analysis.detect_poison import detect_poison, table
+
+    kw = {k: getattr(a, k) for k in ("method", "expected", "out") if getattr(a, k) is not None}
+    result = detect_poison(a.run_dir, **kw)
+    console = Console() if Console().is_terminal else Console(width=120)
+    console.print(table(result))
+    if result["note"]:
+        console.print(result["note"])
+    console.print(f"wrote {result['path']}")
+
+
 def cmd_report(a) -> None:
     from nnlab.report import build_report
 
@@ -149,6 +163,7 @@ def cmd_keys(a) -> None:
 
 VERBS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "baselines": cmd_baselines,
          "learning-curve": cmd_learning_curve, "explain": cmd_explain, "attack": cmd_attack, "audit": cmd_audit,
+         "detect-poison": cmd_detect_poison,
          "report": cmd_report, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve, "recipes": cmd_recipes,
          "keys": cmd_keys, "info": cmd_info}
 
@@ -212,6 +227,14 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("run_dir", help="a finished classifier run; audit.json and audit.png are written into it")
     m.add_argument("--samples", type=int, help="members and non-members each (default 5000, at most the split sizes)")
     m.add_argument("--seed", type=int, help="seed of the drawn examples (default 0)")
+    dp = sub.add_parser("detect-poison", help="flag a backdoored run's poisoned training images from its "
+                        "penultimate-layer features; precision and recall against the known ones")
+    dp.add_argument("run_dir", help="a finished image classifier run (poisoned or not)")
+    dp.add_argument("--method", help="spectral (signatures, Tran et al. 2018; the default) or activation-clustering "
+                    "(Chen et al. 2018)")
+    dp.add_argument("--expected", type=float, help="spectral: the poisoned share of a class to budget for; each "
+                    "class flags 1.5x it (default: the run's own share in its target class)")
+    dp.add_argument("--out", metavar="FILE", help="where the JSON goes (default RUN_DIR/detect_poison.json)")
     r = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page about a finished run")
     r.add_argument("run_dir", help="a finished run folder; only its report.html is written")
     pr = sub.add_parser("predict", help="classify image files, or continue a prompt, with a trained model")

@@ -18,6 +18,7 @@ Written later by the analysis verbs, each from the run folder alone (none overwr
     attack/METHOD.json, .png      `nnlab attack`: accuracy under adversarial inputs against eps, and
     attack/METHOD-examples.png    clean and adversarial images with their predictions
     audit.json, audit.png         `nnlab audit`: membership inference against the model, its ROC
+    detect_poison.json            `nnlab detect-poison`: training rows flagged as backdoored, scored
     report.html                   `nnlab report`: everything above, in one self-contained page
     model.onnx, model.int8.onnx   `nnlab export`: the model for onnxruntime (fp32, int8)
     export.json                   `nnlab export`: what was exported and how well it agrees
@@ -68,6 +69,7 @@ EXPLAIN_DIR = "explain"
 ATTACK_DIR = "attack"
 AUDIT = "audit.json"
 AUDIT_PLOT = "audit.png"
+DETECT_POISON = "detect_poison.json"
 REPORT = "report.html"
 ONNX_MODEL = "model.onnx"
 ONNX_INT8_SUFFIX = ".int8.onnx"  # model.onnx -> model.int8.onnx

@@ -13,6 +13,7 @@ The sections, each from the run folder alone:
   baselines, learning curve, explanations
                             baselines.json, learning_curve.json + .png, explain/*.json + .png/.html
                             (the files `nnlab baselines`, `nnlab learning-curve`, `nnlab explain` write)
+  tampered training data    summary.json's attack success rate, detect_poison.json (`nnlab detect-poison`)
   export                    export.json, where `nnlab export` wrote one: the ONNX files and their check
   efficiency                parameters, FLOPs per sample, throughput, processor and precision
 
@@ -123,6 +124,10 @@ def build_report(run_dir: str | Path) -> Path:
 
     if shows_privacy(run):
         parts.append(privacy_section(run))
+    from nnlab.report.poisoning import poisoning_section, shows_poisoning
+
+    if shows_poisoning(run):  # a backdoored run, or one `nnlab detect-poison` has checked
+        parts.append(poisoning_section(run))
     if (run.dir / EXPORT).exists():
         parts.append(analyses.export_section(run))
     parts.append(sections.efficiency_section(run, model, measured))
