@@ -37,7 +37,7 @@ from nnlab.train.precision import cpu_name
 
 def poison_sets(rate: float, target: int) -> list[str]:
     """The --set overrides that plant the backdoor: the one place this script names those keys."""
-    return [f"data.poison_rate={rate}", f"data.poison_target={target}"]
+    return [f"data.poison.rate={rate}", f"data.poison.target={target}"]
 
 
 def rates(text: str) -> list[float]:

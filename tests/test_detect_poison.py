@@ -22,7 +22,7 @@ from nnlab.tasks import make_task
 
 TARGET = 0
 TINY = ["train.max_steps=60", "train.batch_size=32", "train.lr=0.02", "train.momentum=0.9",
-        f"data.poison_target={TARGET}"]
+        f"data.poison.target={TARGET}"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def runs(tmp_path_factory, fmnist_dir, module_one_thread):
     """A tiny seed-cnn with a backdoor in 5% of its 320 training images (16 rows, a third of the
     target class; the model learns it: attack success 1.0), and the same run without poison."""
     base = tmp_path_factory.mktemp("detect-poison")
-    return {rate: train_quietly("seed-cnn", [f"data.dir={fmnist_dir}", f"data.poison_rate={rate}", *TINY],
+    return {rate: train_quietly("seed-cnn", [f"data.dir={fmnist_dir}", f"data.poison.rate={rate}", *TINY],
                                 base / f"r{rate}") for rate in (0.05, 0.0)}
 
 

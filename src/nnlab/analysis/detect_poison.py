@@ -124,7 +124,7 @@ def score_flags(flags: np.ndarray, poisoned: np.ndarray | None, labels: np.ndarr
 def _poison_settings(cfg) -> tuple[float, int | None, str]:
     """(rate, target class, trigger) of the run's backdoor: the one place that reads those keys."""
     d = cfg.data
-    return d.poison_rate, d.poison_target, d.poison_trigger
+    return d.poison.rate, d.poison.target, d.poison.trigger
 
 
 def _check_expected(expected) -> None:
