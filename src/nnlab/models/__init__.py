@@ -105,7 +105,7 @@ def set_explicit(model: nn.Module, explicit: bool) -> nn.Module:
 
 def _import_all() -> None:
     # Importing the model files runs their register() calls.
-    from nnlab.models import cnn, mlp, seed_cnn  # noqa: F401
+    from nnlab.models import cnn, mlp, seed_cnn, tanh_cnn  # noqa: F401
 
     for optional in ("gpt", "vit"):
         try:
