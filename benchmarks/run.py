@@ -12,6 +12,7 @@
     B7  ONNX export of a trained seed-cnn: agreement, int8 accuracy, eager PyTorch vs onnxruntime fp32 / int8
     B8  nnlab serve under load: seed-cnn classify over HTTP, 32 clients, batched vs one at a time
     B10 DP-SGD training speed: dp-cnn private, clipping only and non-private, with a step's breakdown
+    B11 attack cost: PGD-10 and FGSM on 1,000 seed-cnn test images, against a 30 s budget
 
 The header names the processor, its bf16 support, torch, threads, and the matmul peak measured
 here, against which every MFU is computed. --quick is a smoke test (tiny step counts, one repeat,
@@ -36,7 +37,7 @@ from nnlab.errors import NnlabError
 
 BENCHMARKS = {"B1": "b1_cnn", "B2": "b2_speedrun", "B3": "b3_gpt", "B4": "b4_generate", "B5": "b5_infer",
               "B6": "b6_baselines", "B7": "b7_export", "B8": "b8_serve",
-              "B10": "b10_privacy"}
+              "B10": "b10_privacy", "B11": "b11_attack"}
 
 
 def main(argv=None) -> int:
