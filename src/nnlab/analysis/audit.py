@@ -38,6 +38,7 @@ from nnlab.errors import NnlabError
 
 TARGET_FPR = 1e-3
 DEFAULT_SAMPLES = 5000
+DEFAULT_LIRA_SAMPLES = 2000  # LiRA trains each shadow on this many examples: it sets the attack's cost
 ATTACKS = ("loss", "lira", "all")
 
 
@@ -83,16 +84,23 @@ def lira_attack(run_dir: Path, cfg, model: torch.nn.Module, members: tuple, non_
 
     x, y = torch.cat([members[0], non_members[0]]), torch.cat([members[1], non_members[1]])
     masks = lira.in_masks(len(x), shadows, seed)
-    shadow_phi = lira.train_shadows(run_dir / runfolder.CONFIG, cfg, x, y, masks, target_rows, seed, say)
+    shadow_phi, summaries = lira.train_shadows(run_dir / runfolder.CONFIG, cfg, x, y, masks, target_rows, seed, say)
     online, offline = lira.lira_scores(lira.logit_confidence(model, x, y), shadow_phi, masks)
     n = len(members[0])
+    epsilons = [(s.get("privacy") or {}).get("epsilon_rdp") for s in summaries]
     recipe = {"shadows": shadows, "in_per_example": shadows // 2, "pool": len(x),
               "shadow_train_rows_mean": float(masks.sum(1).mean()), "variance": "global",
-              "shadow_recipe": cfg.recipe, "shadow_training": lira.shadow_training(cfg, len(x) // 2, target_rows)}
+              "shadow_recipe": cfg.recipe, "shadow_training": lira.shadow_training(cfg, len(x) // 2, target_rows),
+              "shadow_test_accuracy_mean": _mean([s.get("test_accuracy") for s in summaries]),
+              "shadow_epsilon_rdp_mean": _mean(epsilons)}
     return {"lira": {"name": "LiRA online, IN and OUT shadows (Carlini et al., 2022)", **recipe,
                      **roc_figures(online[:n], online[n:])},
             "lira_offline": {"name": "LiRA offline, OUT shadows only (Carlini et al., 2022)", **recipe,
                              **roc_figures(offline[:n], offline[n:])}}
+
+
+def _mean(values: list) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
 
 
 def _split_tensors(task) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,18 +109,21 @@ def _split_tensors(task) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     return task.x_train, task.y_train, task.x_test, task.data.y_test
 
 
-def audit(run_dir, samples: int = DEFAULT_SAMPLES, seed: int = 0, attack: str = "all",
+def audit(run_dir, samples: int | None = None, seed: int = 0, attack: str = "all",
           shadows: int = DEFAULT_SHADOWS, say=print) -> dict:
     """Run membership-inference attacks (`attack`: loss, lira or all) on a finished classifier run;
     write audit.json and audit.png into it and return what audit.json holds. `say` receives one
     progress line per shadow model. Bad input (no run folder, no model, a language model or
     regressor, samples below 1, an unknown attack, fewer than 2 shadows) is an NnlabError before
-    anything is written."""
+    anything is written. `samples` defaults to DEFAULT_SAMPLES for the loss attack alone and to
+    DEFAULT_LIRA_SAMPLES when LiRA runs."""
     from nnlab.tasks import make_task
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise NnlabError(f"{run_dir}: no such run folder")
+    if samples is None:
+        samples = DEFAULT_SAMPLES if attack == "loss" else DEFAULT_LIRA_SAMPLES
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise NnlabError(f"--samples: must be a positive number of examples, got {samples}")
     if attack not in ATTACKS:

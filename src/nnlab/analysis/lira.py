@@ -22,7 +22,9 @@ it comes free beside the online one.
 Shadows train through nnlab's own loop (nnlab.train.loop.train) on the run's own config, with the
 chosen examples in place of the training split and a fresh seed each. Each sees its examples as
 many times as the target saw its own (same epochs; a max_steps run has it scaled to the smaller
-set), since that exposure is what memorisation depends on.
+set), since that exposure is what memorisation depends on. A DP-SGD target's shadows also scale
+the batch size to the smaller set: the same Poisson sampling rate and number of steps give them
+the same noise multiplier, so they run the target's own private mechanism (and spend its epsilon).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from scipy.stats import norm
 
 from nnlab import runfolder
 
-DEFAULT_SHADOWS = 16
+DEFAULT_SHADOWS = 8
 
 
 def logit_confidence(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
@@ -61,32 +63,41 @@ def in_masks(pool: int, shadows: int, seed: int) -> np.ndarray:
     return ranks < shadows // 2
 
 
+def _schedule(cfg, shadow_rows: int, target_rows: int) -> tuple[int, int | None]:
+    """A shadow's (batch size, max_steps or None): see the module docstring."""
+    from nnlab.train import privacy
+
+    t, scale = cfg.train, shadow_rows / target_rows
+    batch_size = max(1, round(t.batch_size * scale)) if privacy.enabled(t) else t.batch_size
+    if not t.max_steps:
+        return batch_size, None
+    # The same passes over its examples as the target made over its own.
+    return batch_size, max(1, round(t.max_steps * (1 if privacy.enabled(t) else scale)))
+
+
 def shadow_overrides(cfg, shadow_rows: int, target_rows: int, seed: int) -> list[str]:
     """--set strings that turn the target run's config into shadow `seed`'s: its own seed, the same
     exposure per example, one evaluation at the end, no per-step log."""
-    t = cfg.train
-    sets = [f"train.seed={seed}", "train.eval_every=1000000000", "train.log_every=1000000000",
-            "train.checkpoint_every=1000000000"]
-    if t.max_steps:  # the same passes over its examples as the target made over its own
-        sets.append(f"train.max_steps={max(1, round(t.max_steps * shadow_rows / target_rows))}")
-    return sets
+    batch_size, max_steps = _schedule(cfg, shadow_rows, target_rows)
+    sets = [f"train.seed={seed}", f"train.batch_size={batch_size}", "train.eval_every=1000000000",
+            "train.log_every=1000000000", "train.checkpoint_every=1000000000"]
+    return sets + ([f"train.max_steps={max_steps}"] if max_steps else [])
 
 
 def shadow_training(cfg, shadow_rows: int, target_rows: int) -> str:
     """How long a shadow trains, in words, for audit.json."""
-    t = cfg.train
-    if t.max_steps:
-        return f"{max(1, round(t.max_steps * shadow_rows / target_rows))} steps of batch {t.batch_size}"
-    return f"{t.epochs} epochs of batch {t.batch_size}"
+    batch_size, max_steps = _schedule(cfg, shadow_rows, target_rows)
+    return (f"{max_steps} steps" if max_steps else f"{cfg.train.epochs} epochs") + f" of batch {batch_size}"
 
 
 def train_shadows(config_file, cfg, x: torch.Tensor, y: torch.Tensor, masks: np.ndarray, target_rows: int,
-                  seed: int, say=print) -> np.ndarray:
+                  seed: int, say=print) -> tuple[np.ndarray, list[dict]]:
     """Train one shadow per row of `masks` on the pool examples it marks; return (shadows, pool) phi
-    of every pool example under every shadow. Shadow run folders live in a temporary folder."""
+    of every pool example under every shadow, and each shadow's summary.json. Shadow run folders
+    live in a temporary folder."""
     from nnlab.train.loop import train
 
-    scores = np.empty(masks.shape)
+    scores, summaries = np.empty(masks.shape), []
     with tempfile.TemporaryDirectory(prefix="nnlab-shadows-") as tmp:
         for k, mask in enumerate(masks):
             rows = torch.from_numpy(np.flatnonzero(mask))
@@ -96,8 +107,10 @@ def train_shadows(config_file, cfg, x: torch.Tensor, y: torch.Tensor, masks: np.
                                 _examples=(x[rows], y[rows]))
             model, _ = runfolder.load(run_dir)
             scores[k] = logit_confidence(model, x, y)
-            say(f"shadow {k + 1}/{len(masks)}: trained on {len(rows)} of {len(x)} pool examples")
-    return scores
+            summaries.append(runfolder.read_json(run_dir / runfolder.SUMMARY))
+            say(f"shadow {k + 1}/{len(masks)}: trained on {len(rows)} of {len(x)} pool examples, "
+                f"test accuracy {summaries[-1].get('test_accuracy', float('nan')):.4f}")
+    return scores, summaries
 
 
 def lira_scores(target_phi: np.ndarray, shadow_phi: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
