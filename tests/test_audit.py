@@ -153,3 +153,31 @@ def test_audit_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, text
         assert cli.main(["audit", str(text_run), "--attack", attack]) == 2
         one_line_error(2, capsys.readouterr().err, "classifiers")
     assert not (text_run / runfolder.AUDIT).exists() and not (half / runfolder.AUDIT).exists()
+
+
+def test_the_privacy_benchmark_audits_a_normal_and_a_dp_model(tmp_path, fmnist_dir):
+    """benchmarks/privacy_audit.py --quick on the tiny images: both models, both attacks, one JSON."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "privacy.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "privacy_audit.py"), "--quick", "--set", f"data.dir={fmnist_dir}",
+           "--out", str(tmp_path / "runs"), "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    models = json.loads(out.read_text())["models"]
+    assert list(models) == ["normal", "dp"]
+    assert models["normal"]["epsilon_rdp"] is None and 2.5 < models["dp"]["epsilon_rdp"] <= 3.01
+    for row in models.values():
+        assert 0 <= row["test_accuracy"] <= 1 and row["members"] == 100
+        assert set(row["attacks"]) == {"loss", "lira", "lira_offline"}
+        assert all(0 <= a["auc"] <= 1 and 0 <= a["tpr_at_0.1%_fpr"] <= 1 for a in row["attacks"].values())
+        assert row["attacks"]["lira"]["shadows"] == 2 and row["attacks"]["lira"]["pool"] == 200
+    assert "dp " in r.stdout and "lira AUC" in r.stdout
+    # The shadows of the DP model ran its private mechanism: the same epsilon as the target.
+    audit_dp = json.loads((tmp_path / "runs" / "dp" / runfolder.AUDIT).read_text())
+    assert audit_dp["attacks"]["lira"]["shadow_epsilon_rdp_mean"] == pytest.approx(models["dp"]["epsilon_rdp"], rel=0.05)
