@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import output_file, positive_int
 
 import nnlab
-from common import output_file, positive_int
 from nnlab.analysis.audit import audit
 from nnlab.config import load_config
 from nnlab.errors import NnlabError

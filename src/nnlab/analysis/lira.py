@@ -103,8 +103,9 @@ def train_shadows(config_file, cfg, x: torch.Tensor, y: torch.Tensor, masks: np.
             rows = torch.from_numpy(np.flatnonzero(mask))
             sets = shadow_overrides(cfg, len(rows), target_rows, seed=seed * 1000 + k + 1)
             with contextlib.redirect_stdout(io.StringIO()):  # one line per shadow instead of a training log
-                run_dir = train(cfg.recipe, sets, config_file=str(config_file), out=f"{tmp}/shadow{k}",
-                                _examples=(x[rows], y[rows]))
+                # The run's own config.yaml as the recipe: complete, and found even when the run was
+                # trained from a YAML file that has since moved.
+                run_dir = train(str(config_file), sets, out=f"{tmp}/shadow{k}", _examples=(x[rows], y[rows]))
             model, _ = runfolder.load(run_dir)
             scores[k] = logit_confidence(model, x, y)
             summaries.append(runfolder.read_json(run_dir / runfolder.SUMMARY))
