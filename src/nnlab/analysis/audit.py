@@ -122,12 +122,12 @@ def audit(run_dir, samples: int | None = None, seed: int = 0, attack: str = "all
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise NnlabError(f"{run_dir}: no such run folder")
+    if attack not in ATTACKS:
+        raise NnlabError(f"--attack: {attack!r} is not one of {', '.join(ATTACKS)}")
     if samples is None:
         samples = DEFAULT_SAMPLES if attack == "loss" else DEFAULT_LIRA_SAMPLES
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise NnlabError(f"--samples: must be a positive number of examples, got {samples}")
-    if attack not in ATTACKS:
-        raise NnlabError(f"--attack: {attack!r} is not one of {', '.join(ATTACKS)}")
     if isinstance(shadows, bool) or not isinstance(shadows, int) or shadows < 2:
         raise NnlabError(f"--shadows: LiRA needs at least 2 shadow models (one IN, one OUT per example), got {shadows}")
     cfg = runfolder.read_config(run_dir)

@@ -25,6 +25,8 @@ many times as the target saw its own (same epochs; a max_steps run has it scaled
 set), since that exposure is what memorisation depends on. A DP-SGD target's shadows also scale
 the batch size to the smaller set: the same Poisson sampling rate and number of steps give them
 the same noise multiplier, so they run the target's own private mechanism (and spend its epsilon).
+A shadow's test accuracy (reported as a sanity check) is measured on the whole test split, which
+holds the pool's non-members, about half of them trained on: slightly optimistic.
 """
 
 from __future__ import annotations
