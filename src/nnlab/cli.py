@@ -77,7 +77,7 @@ def cmd_attack(a) -> None:
 def cmd_audit(a) -> None:
     from nnlab.analysis.audit import audit, format_result
 
-    kw = {k: getattr(a, k) for k in ("samples", "seed") if getattr(a, k) is not None}
+    kw = {k: getattr(a, k) for k in ("samples", "seed", "attack", "shadows") if getattr(a, k) is not None}
     print(format_result(audit(a.run_dir, **kw)))
 
 
@@ -225,8 +225,13 @@ def parser() -> argparse.ArgumentParser:
     at.add_argument("--samples", type=int, help="attack the first N test images (default 1000)")
     m = sub.add_parser("audit", help="membership inference: can the model's training examples be told from unseen ones?")
     m.add_argument("run_dir", help="a finished classifier run; audit.json and audit.png are written into it")
-    m.add_argument("--samples", type=int, help="members and non-members each (default 5000, at most the split sizes)")
-    m.add_argument("--seed", type=int, help="seed of the drawn examples (default 0)")
+    m.add_argument("--samples", type=int, help="members and non-members each, at most the split sizes (default 5000; "
+                   "2000 when LiRA runs, whose shadows train on that many examples each)")
+    m.add_argument("--seed", type=int, help="seed of the drawn examples and of LiRA's shadow halves (default 0)")
+    m.add_argument("--attack", help="loss (threshold on the loss), lira (likelihood ratio with shadow models, "
+                   "online and offline) or all (default all)")
+    m.add_argument("--shadows", type=int, help="LiRA's shadow models, each trained on half of members + "
+                   "non-members with the run's recipe (default 8)")
     dp = sub.add_parser("detect-poison", help="flag a backdoored run's poisoned training images from its "
                         "penultimate-layer features; precision and recall against the known ones")
     dp.add_argument("run_dir", help="a finished image classifier run (poisoned or not)")

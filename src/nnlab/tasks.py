@@ -10,6 +10,7 @@ of the same global batch without talking to the others.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -53,6 +54,18 @@ class Task:
     def items_per_step(self) -> int:
         """The `unit`s one optimizer step trains on (the global batch's samples)."""
         return self.cfg.train.batch_size
+
+    def train_on(self, x: Tensor, y: Tensor) -> None:
+        """Train on the examples (x, y) in place of the training split: x in the model's input form
+        (normalised), y as the loss takes it. Only classifiers of images and tables have examples
+        that stand alone."""
+        if self.kind == "text" or not self.classification:
+            raise ConfigError(f"train: a {self.kind} task cannot train on chosen examples")
+        self.x_train = x
+        if self.kind == "image":
+            self.data = dataclasses.replace(self.data, y_train=y)
+        else:
+            self.y_train = y
 
     def _rows(self, step: int, lo: int, hi: int) -> Tensor:
         """Indices of rows lo:hi of the global batch at `step`: a fresh permutation each epoch

@@ -58,4 +58,10 @@ def privacy_section(run: Run) -> Section:
             f"non-members (test examples); an AUC of 0.5 is chance."))
     s.add(table(["attack", "ROC AUC", "TPR at 0.1% FPR", "member loss", "non-member loss"], rows,
                 numeric={1, 2, 3, 4}))
+    lira = doc["attacks"].get("lira")
+    if isinstance(lira, dict) and "shadows" in lira:
+        s.add(p(f"LiRA: {num(lira['shadows'])} shadow models of {lira.get('shadow_recipe')} "
+                f"({lira.get('shadow_training')}), each trained on about half of a pool of {num(lira.get('pool'))} "
+                f"(the members and non-members above), so each candidate is IN {num(lira.get('in_per_example'))} "
+                f"of them; Gaussians with per-example means and {lira.get('variance')} variances."))
     return s

@@ -38,11 +38,15 @@ def seed_everything(seed: int) -> None:
 
 
 def train(recipe: str | None = None, overrides: list[str] | dict | None = None, *, config_file: str | None = None,
-          out: str | None = None, resume: str | None = None) -> Path:
-    """Train a recipe (or resume a run) and return its run folder."""
+          out: str | None = None, resume: str | None = None, _examples: tuple | None = None) -> Path:
+    """Train a recipe (or resume a run) and return its run folder.
+
+    `_examples`, internal: (x, y) tensors, in the task's own normalised form, to train on in place of
+    the training split (membership-inference shadow models, nnlab.analysis.lira); the test split
+    stays as loaded."""
     env = distributed.init()
     try:
-        run_dir = _train(recipe, overrides, config_file, out, resume, env)
+        run_dir = _train(recipe, overrides, config_file, out, resume, env, _examples)
     except BaseException:
         distributed.shutdown(ok=False)
         raise
@@ -50,7 +54,7 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     return run_dir
 
 
-def _train(recipe, overrides, config_file, out, resume, env) -> Path:
+def _train(recipe, overrides, config_file, out, resume, env, examples=None) -> Path:
     # ---- configuration and run folder ------------------------------------------------------------
     if resume:
         run_dir = Path(resume)
@@ -76,6 +80,8 @@ def _train(recipe, overrides, config_file, out, resume, env) -> Path:
     # ---- data, model, optimizer ------------------------------------------------------------------
     seed_everything(t.seed)
     task = make_task(cfg)
+    if examples is not None:
+        task.train_on(*examples)
     try:  # the data decides classes / vocabulary / input size
         cfg.model = dataclasses.replace(cfg.model, **task.model_fields())
     except ValueError as e:
