@@ -9,6 +9,8 @@
     POST /v1/generate   JSON {prompt, max_new_tokens, temperature, top_k, seed, stream} -> {"text", ...};
                         stream=true: server-sent events, one `data: {"text": ...}` per token, then
                         `event: done`
+    POST /v1/attention  JSON {text} -> how the last token of `text` attends over its context (the
+                        last block_size tokens), per layer and head (ServedModel.last_token_attention)
     GET  /v1/model      the model card;  GET /healthz;  GET /openapi.json and /docs (FastAPI's)
 
 Every error is JSON {"detail": "..."} with a 4xx status naming what is wrong. CPU work (decoding,
@@ -54,6 +56,13 @@ class GenerateRequest(BaseModel):
     top_k: int | None = Field(GENERATE_DEFAULTS["top_k"], ge=1, description="sample among the k likeliest tokens")
     seed: int = Field(GENERATE_DEFAULTS["seed"], ge=0, lt=2**63, description="the same seed gives the same text")
     stream: bool = Field(False, description="server-sent events, one per token")
+
+
+class AttentionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="the context, e.g. a prompt and its completion; its last block_size tokens "
+                                  "are used, and every character must be in the model's vocabulary")
 
 
 CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
@@ -141,6 +150,10 @@ def create_app(run_dir: str | Path, token: str | None = None, max_new_tokens_cap
             return {"prompt": req.prompt, "completion": completion, "text": req.prompt + completion}
         return StreamingResponse(_events(app, req.prompt, pieces), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
+
+    @app.post("/v1/attention", dependencies=[Depends(_json_body)])
+    def attention(req: AttentionRequest) -> dict:
+        return served.last_token_attention(req.text)
 
     if STATIC_DIR.is_dir():
         from fastapi.staticfiles import StaticFiles
