@@ -228,6 +228,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on host:port (port 0: a free one), for uvicorn's `sockets=`.
+
+    Made with proto IPPROTO_TCP, which its connections inherit: asyncio turns Nagle's algorithm off
+    (TCP_NODELAY) only on a connection whose socket says it is TCP, and socket.create_server's says 0.
+    With Nagle on, a response's body (uvicorn writes it after the headers) waits for the client's
+    delayed ACK, about 40 ms on Linux, on every request."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        if os.name == "posix":  # as socket.create_server: a restarted server can bind at once
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           **app_options) -> None:
     """Serve the model of `run_dir` over HTTP until interrupted. Binding anything but a loopback
@@ -242,7 +262,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token:
         raise NnlabError(f"--port: {port} is not a TCP port (0-65535)")
     # Bound here rather than by uvicorn, so that a busy port is a one-line error like any other.
     try:
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock = listening_socket(host, port)
     except OSError as e:
         raise NnlabError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
     with sock:
