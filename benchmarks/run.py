@@ -11,6 +11,7 @@
     B6  traditional ML: the six scikit-learn baselines on full Fashion-MNIST, fitting time against 10 minutes
     B7  ONNX export of a trained seed-cnn: agreement, int8 accuracy, eager PyTorch vs onnxruntime fp32 / int8
     B8  nnlab serve under load: seed-cnn classify over HTTP, 32 clients, batched vs one at a time
+    B9  nnlab serve under a bounded load: classify and generate, 1 and 32 clients, p50/p99, goals
 
 The header names the processor, its bf16 support, torch, threads, and the matmul peak measured
 here, against which every MFU is computed. --quick is a smoke test (tiny step counts, one repeat,
@@ -34,7 +35,8 @@ import common
 from nnlab.errors import NnlabError
 
 BENCHMARKS = {"B1": "b1_cnn", "B2": "b2_speedrun", "B3": "b3_gpt", "B4": "b4_generate", "B5": "b5_infer",
-              "B6": "b6_baselines", "B7": "b7_export", "B8": "b8_serve"}
+              "B6": "b6_baselines", "B7": "b7_export", "B8": "b8_serve",
+              "B9": "b9_load"}
 
 
 def main(argv=None) -> int:
