@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException
 from nnlab.errors import NnlabError
 from nnlab.serve.batching import Batcher, QueueFull
 from nnlab.serve.guards import BodyLimit, TokenAuth
-from nnlab.serve.model import GENERATE_DEFAULTS, BadRequest, ServedModel, png_base64
+from nnlab.serve.model import GENERATE_DEFAULTS, BadRequest, ServedModel, png_base64, rank
 
 TOKEN_ENV = "NNLAB_SERVE_TOKEN"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -84,7 +84,8 @@ def create_app(run_dir: str | Path, token: str | None = None, max_new_tokens_cap
     if max_new_tokens_cap < 0 or max_body_bytes < 1 or max_batch < 1 or batch_wait_ms < 0:
         raise NnlabError("serve: max_new_tokens_cap >= 0, max_body_bytes >= 1, max_batch >= 1, batch_wait_ms >= 0")
     served = ServedModel(run_dir, backend)
-    batcher = (Batcher(served.probabilities, max_batch, batch_wait_ms)
+    # The batcher's thread also ranks the classes, which leaves the event loop only the HTTP work.
+    batcher = (Batcher(served.ranked, max_batch, batch_wait_ms)
                if served.is_classifier and max_batch > 1 else None)
 
     @asynccontextmanager
@@ -127,16 +128,18 @@ def create_app(run_dir: str | Path, token: str | None = None, max_new_tokens_cap
         answer = {"conversion": image.conversion}
         if saliency:
             probs, saliency_map = await run_in_threadpool(served.saliency, image.x)
+            ranking = rank(probs[None])[0]
             answer["saliency"] = (png_base64(saliency_map) if saliency_format == "png"
                                   else [[round(float(v), 6) for v in row] for row in saliency_map])
         elif batcher is not None:
             try:
-                probs = await asyncio.wrap_future(batcher.submit(image.x[0]))
+                ranking = await asyncio.wrap_future(batcher.submit(image.x[0]))
             except QueueFull:
                 raise HTTPException(503, "too many classify requests waiting; try again shortly") from None
         else:
-            probs = (await run_in_threadpool(served.probabilities, image.x))[0]
-        return {"classes": served.top_classes(probs, top_k), **answer}
+            ranking = (await run_in_threadpool(served.ranked, image.x))[0]
+        # A JSONResponse of plain values: FastAPI's encoder would walk every value again.
+        return JSONResponse({"classes": served.top_classes(ranking, top_k), **answer})
 
     @app.post("/v1/generate", dependencies=[Depends(_json_body)])
     def generate(req: GenerateRequest):

@@ -56,6 +56,12 @@ def png_base64(values: Tensor) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def rank(probs: Tensor) -> list[tuple[list[float], list[int]]]:
+    """Class probabilities (B, num_classes) -> per row (probabilities, indices), likeliest first."""
+    values, indices = torch.topk(probs, probs.shape[-1], dim=-1)
+    return list(zip(values.tolist(), indices.tolist()))
+
+
 class ServedModel:
     """A run folder's model, its model.json, and what the endpoints ask of it."""
 
@@ -146,10 +152,15 @@ class ServedModel:
             (grad,) = torch.autograd.grad(logits[0, top], x)
         return torch.softmax(logits.detach()[0], dim=-1), grad[0].abs().amax(dim=0)
 
-    def top_classes(self, probs: Tensor, k: int) -> list[dict]:
-        values, indices = torch.topk(probs, min(k, len(self.classes)))
-        return [{"index": int(i), "name": self.classes[int(i)], "probability": float(v)}
-                for v, i in zip(values, indices)]
+    def ranked(self, x: Tensor) -> list[tuple[list[float], list[int]]]:
+        """Normalised inputs (B, C, H, W) -> per row (probabilities, class indices), likeliest first:
+        every class, so that any top_k is a slice, taken by the caller without another tensor op."""
+        return rank(self.probabilities(x))
+
+    def top_classes(self, ranking: tuple[list[float], list[int]], k: int) -> list[dict]:
+        """The first k of a row of ranked(), named."""
+        values, indices = ranking
+        return [{"index": i, "name": self.classes[i], "probability": v} for v, i in zip(values[:k], indices[:k])]
 
     # ---- generation ------------------------------------------------------------------------------
 
