@@ -265,7 +265,7 @@ def test_model_card_and_openapi(cnn_client, gpt_client):
     assert lm["architecture"]["name"] == "gpt" and "val_loss" in lm["test_metrics"]
     assert lm["server_limits"]["max_new_tokens_cap"] == 50 and lm["tokenizer"]["kind"] == "char"
     paths = cnn_client.get("/openapi.json").json()["paths"]
-    assert {"/v1/classify", "/v1/generate", "/v1/model", "/healthz"} <= set(paths)
+    assert {"/v1/classify", "/v1/generate", "/v1/attention", "/v1/model", "/healthz"} <= set(paths)
     assert "multipart/form-data" in paths["/v1/classify"]["post"]["requestBody"]["content"]
 
 
