@@ -192,6 +192,7 @@ def test_quick_b9_load_test_stops_by_itself_without_errors(tmp_path):
         want = size["generate_requests"] if res["workload"] == "generate" else size["requests"]
         assert [run["requests"] for run in res["runs"]] == [want] and res["errors"] == 0
         assert 0 < res["p50_ms"]["median"] <= res["p99_ms"]["median"] and res["requests_per_s"]["median"] > 0
+        assert res["server_cpu_ms_per_request"]["median"] > 0  # the server process did the work
     assert b9["results"][f"generate, {size['clients']} clients"]["tokens_per_s"]["median"] > 0
     assert set(b9["goals"]) == {"classify_p50_ms_1_client", "batching_speedup"} and "goal <= 5 ms" in r.stdout
 
