@@ -14,14 +14,15 @@ itself. The settings:
     classify   --max-batch 32 (batched) and --max-batch 1 (one at a time), 1 and 32 clients,
                REQUESTS requests each (one 28x28 JSON pixel body)
     generate   1 and 32 clients, GENERATE_REQUESTS requests each of GENERATE_TOKENS new tokens
-               (fewer than classify: on 2 cores 2,000 generations per setting would take minutes)
+               (fewer than classify: 2,000 per setting would add minutes to every repeat on 2 cores)
 
 Per setting and repeat: errors (an answer other than 200, or a broken connection), p50 and p99 of
 each request's wall time (send to whole answer), requests/s over the setting's wall time, and the
-server process's CPU time per request (user + system, from /proc); generate also gives tokens/s. The goals of issue 23 are printed beside the figures: classify p50 at most 5 ms
-at one client (the batched server, as `nnlab serve` runs by default), and at 32 clients the batched
-server at least 2x the requests/s of one-at-a-time handling. The client shares the cores with the
-server, so requests/s is a figure for this client and machine, not the server's ceiling.
+server process's CPU time per request (user + system, from /proc); generate also gives tokens/s. The
+goals of issue 23 are printed beside the figures: classify p50 at most 5 ms at one client (the
+batched server, as `nnlab serve` runs by default), and at 32 clients the batched server at least 2x
+the requests/s of one-at-a-time handling. The client shares the cores with the server, so requests/s
+is a figure for this client and machine, not the server's ceiling.
 --quick: 1 and 4 clients, 50 classify and 8 generate requests of 4 tokens.
 """
 
@@ -115,7 +116,8 @@ def summary(plan: list[dict], measured: dict[str, list[dict]], size: dict, ctx: 
     for s in plan:
         xs = measured[s["name"]]
         res = {**s, "errors": sum(x["errors"] for x in xs), "p50_ms": summarize(x["p50_ms"] for x in xs),
-               "p99_ms": summarize(x["p99_ms"] for x in xs), "requests_per_s": summarize(x["requests_per_s"] for x in xs),
+               "p99_ms": summarize(x["p99_ms"] for x in xs),
+               "requests_per_s": summarize(x["requests_per_s"] for x in xs),
                "server_cpu_ms_per_request": (summarize(x["server_cpu_ms"] for x in xs)
                                              if all(x["server_cpu_ms"] is not None for x in xs) else None),
                "runs": xs}
@@ -140,7 +142,8 @@ def summary(plan: list[dict], measured: dict[str, list[dict]], size: dict, ctx: 
         elif "tokens_per_s" in res:
             goal = f"{fmt(res['tokens_per_s'])} tokens/s"
         rows.append([name, str(res["max_batch"]), f"{res['requests']:,}", fmt(res["p50_ms"], ".2f"),
-                     fmt(res["p99_ms"], ".1f"), fmt(res["requests_per_s"]), fmt(res["server_cpu_ms_per_request"], ".2f"),
+                     fmt(res["p99_ms"], ".1f"), fmt(res["requests_per_s"]),
+                     fmt(res["server_cpu_ms_per_request"], ".2f"),
                      str(res["errors"]), goal])
     errors = sum(r["errors"] for r in results.values())
     notes = [f"{ctx.repeats} run(s) per setting, median [min-max]; each setting stops after its requests; generate: "
@@ -185,7 +188,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="b9_load.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--cnn-run", type=run_folder, help="a seed-cnn run folder to serve (default: train one step)")
     p.add_argument("--gpt-run", type=run_folder, help="a gpt run folder to serve (default: gpt-shakespeare, one step)")
-    p.add_argument("--requests", type=positive_int, default=REQUESTS, help=f"classify requests per setting ({REQUESTS})")
+    p.add_argument("--requests", type=positive_int, default=REQUESTS,
+                   help=f"classify requests per setting ({REQUESTS})")
     p.add_argument("--generate-requests", type=positive_int, default=GENERATE_REQUESTS,
                    help=f"generate requests per setting ({GENERATE_REQUESTS})")
     p.add_argument("--generate-tokens", type=positive_int, default=GENERATE_TOKENS,

@@ -186,7 +186,8 @@ def test_quick_b9_load_test_stops_by_itself_without_errors(tmp_path):
     size = b9["config"]
     assert b9["errors"] == 0 and "errors in all: 0" in r.stdout
     assert sorted(b9["results"]) == sorted(
-        [f"classify, {m}, {c}" for m in ("batched", "one at a time") for c in ("1 client", f"{size['clients']} clients")]
+        [f"classify, {m}, {c}" for m in ("batched", "one at a time")
+         for c in ("1 client", f"{size['clients']} clients")]
         + ["generate, 1 client", f"generate, {size['clients']} clients"])
     for res in b9["results"].values():
         want = size["generate_requests"] if res["workload"] == "generate" else size["requests"]
