@@ -68,8 +68,8 @@ def start_server(run: Path, max_batch: int, threads: int | None) -> tuple[subpro
         time.sleep(0.1)
 
 
-def load(port: int, clients: int, requests: int, body: bytes) -> dict:
-    """`clients` threads share `requests` POST /v1/classify calls; latencies in seconds."""
+def load(port: int, clients: int, requests: int, body: bytes, path: str = "/v1/classify") -> dict:
+    """`clients` threads share `requests` POST `path` calls of the JSON `body`; latencies in seconds."""
     latencies: list[float] = []
     errors = [0]
     left = [requests]
@@ -84,7 +84,7 @@ def load(port: int, clients: int, requests: int, body: bytes) -> dict:
                 left[0] -= 1
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/v1/classify", body, {"content-type": "application/json"})
+                conn.request("POST", path, body, {"content-type": "application/json"})
                 response = conn.getresponse()
                 response.read()
                 ok = response.status == 200

@@ -11,6 +11,7 @@
     B6  traditional ML: the six scikit-learn baselines on full Fashion-MNIST, fitting time against 10 minutes
     B7  ONNX export of a trained seed-cnn: agreement, int8 accuracy, eager PyTorch vs onnxruntime fp32 / int8
     B8  nnlab serve under load: seed-cnn classify over HTTP, 32 clients, batched vs one at a time
+    B9  nnlab serve under a bounded load: classify and generate, 1 and 32 clients, p50/p99, goals
     B10 DP-SGD training speed: dp-cnn private, clipping only and non-private, with a step's breakdown
     B11 attack cost: PGD-10 and FGSM on 1,000 seed-cnn test images, against a 30 s budget
 
@@ -37,7 +38,7 @@ from nnlab.errors import NnlabError
 
 BENCHMARKS = {"B1": "b1_cnn", "B2": "b2_speedrun", "B3": "b3_gpt", "B4": "b4_generate", "B5": "b5_infer",
               "B6": "b6_baselines", "B7": "b7_export", "B8": "b8_serve",
-              "B10": "b10_privacy", "B11": "b11_attack"}
+              "B9": "b9_load", "B10": "b10_privacy", "B11": "b11_attack"}
 
 
 def main(argv=None) -> int:

@@ -183,6 +183,18 @@ def b8(doc: dict) -> str | None:
             f"{single['median']['requests_per_s']:,.0f} requests/s); 1 client p50 {batched['alone_p50_ms']:.1f} ms")
 
 
+def b9(doc: dict) -> str | None:
+    b = doc["benchmarks"].get("B9")  # absent from results files written before B9 existed
+    if not b or "error" in b:
+        return None
+    res, n = b["results"], b["config"]["clients"]
+    batched = res[f"classify, batched, {n} clients"]["requests_per_s"]["median"]
+    generate = res[f"generate, {n} clients"]
+    return (f"p50 {res['classify, batched, 1 client']['p50_ms']['median']:.1f} ms; {ratio(b['batching_speedup'])} "
+            f"({batched:,.0f} requests/s); generate {generate['tokens_per_s']['median']:,.0f} tokens/s; "
+            f"{b['errors']} errors")
+
+
 BENCH_ROWS = [
     ("B1 seed-cnn training speed over the article's plain loop: recipe as shipped; + channels_last + "
      "precision=auto", b1),
@@ -203,6 +215,8 @@ BENCH_ROWS = [
      "eager PyTorch, fp32 and int8 (int8's accuracy change)", b7),
     ("B8 `nnlab serve` seed-cnn classify, 32 clients: batched requests/s over one at a time; one client's p50 "
      "latency", b8),
+    ("B9 `nnlab serve` under a bounded load: seed-cnn classify p50 at 1 client (goal <= 5 ms); at 32 clients, "
+     "batched over one at a time (goal >= 2x); gpt generate tokens/s at 32 clients; errors", b9),
 ]
 
 

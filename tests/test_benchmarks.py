@@ -116,7 +116,7 @@ def test_curves_spread_over_seeds_time_to_target_and_reuse(tmp_path):
 BAD_ARGS = [  # script, arguments, what the one-line error must name
     ("run.py", ["--repeats", "0"], "--repeats"),
     ("run.py", ["--threads", "-1"], "--threads"),
-    ("run.py", ["--only", "B9"], "B9"),
+    ("run.py", ["--only", "B99"], "B99"),
     ("run.py", ["--json", "{tmp}"], "is a folder"),
     ("run.py", ["--json", "{tmp}/file/out.json"], "is a file, not a folder"),
     ("run.py", ["--save", "--quick"], "--save"),
@@ -127,6 +127,8 @@ BAD_ARGS = [  # script, arguments, what the one-line error must name
     ("recipes.py", ["fmnist-speedrun"], "fmnist-speedrun"),
     ("plain_cnn.py", ["--epochs", "0"], "--epochs"),
     ("avx2_emulation.py", ["--bench", "B3", "--accuracy-epochs", "2"], "--accuracy-epochs"),
+    ("b9_load.py", ["--cnn-run", "{tmp}/file"], "not a finished run folder"),
+    ("b9_load.py", ["--requests", "0"], "--requests"),
 ]
 
 
@@ -184,3 +186,34 @@ def test_the_cnn_flop_count_sees_every_layer(monkeypatch):
 
     by_hand = 28 * 28 * 32 * 9 + 14 * 14 * 64 * 32 * 9 + 64 * 7 * 7 * 128 + 128 * 10
     assert conv_fc_macs(Net(), torch.zeros(1, 1, 28, 28)) == by_hand
+
+
+def test_quick_b9_load_test_stops_by_itself_without_errors(tmp_path):
+    """B9 drives real `nnlab serve` processes (seed-cnn classify batched and one at a time, gpt generate)
+    with 1 and several clients: every setting answers all its requests with zero errors, reports
+    p50 <= p99 and requests/s, states its goals, and the README's table reads the file."""
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "B9", "--json", str(out)]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    b9 = json.loads(out.read_text())["benchmarks"]["B9"]
+    size = b9["config"]
+    assert b9["errors"] == 0 and "errors in all: 0" in r.stdout
+    assert sorted(b9["results"]) == sorted(
+        [f"classify, {m}, {c}" for m in ("batched", "one at a time")
+         for c in ("1 client", f"{size['clients']} clients")]
+        + ["generate, 1 client", f"generate, {size['clients']} clients"])
+    for res in b9["results"].values():
+        want = size["generate_requests"] if res["workload"] == "generate" else size["requests"]
+        assert [run["requests"] for run in res["runs"]] == [want] and res["errors"] == 0
+        assert 0 < res["p50_ms"]["median"] <= res["p99_ms"]["median"] and res["requests_per_s"]["median"] > 0
+        assert res["server_cpu_ms_per_request"]["median"] > 0  # the server process did the work
+    assert b9["results"][f"generate, {size['clients']} clients"]["tokens_per_s"]["median"] > 0
+    assert set(b9["goals"]) == {"classify_p50_ms_1_client", "batching_speedup"} and "goal <= 5 ms" in r.stdout
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from readme_tables import b9 as b9_cell
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert "0 errors" in b9_cell({"benchmarks": {"B9": b9}})

@@ -31,7 +31,7 @@ import nnlab
 from conftest import cli_cmd, cli_env, make_images, one_line_error
 from nnlab.generate import generate_text
 from nnlab.serve import create_app
-from nnlab.serve.app import is_loopback
+from nnlab.serve.app import is_loopback, listening_socket
 from nnlab.serve.batching import Batcher
 
 SMALL_BODY = 64 * 1024  # the test apps' body limit: big enough for a 28x28 image, small enough to exceed
@@ -222,6 +222,9 @@ def test_onnxruntime_backend_generates_the_torch_tokens(gpt_run, tmp_path):
         events = parse_events(streamed.text)
         assert len(events) == 13 and events[-1] == ("done", {"text": generate_text(gpt_run, "First", 12)})
         assert client.get("/v1/model").json()["backend"] == "onnxruntime"
+        assert client.get("/v1/model").json()["attention"] is False
+        r = client.post("/v1/attention", json={"text": "First"})
+        assert r.status_code == 400 and "--backend torch" in r.json()["detail"]
         r = client.post("/v1/classify", json={"pixels": pixels28})
         assert r.status_code == 400 and "needs an image classifier" in r.json()["detail"]
 
@@ -262,7 +265,7 @@ def test_model_card_and_openapi(cnn_client, gpt_client):
     assert lm["architecture"]["name"] == "gpt" and "val_loss" in lm["test_metrics"]
     assert lm["server_limits"]["max_new_tokens_cap"] == 50 and lm["tokenizer"]["kind"] == "char"
     paths = cnn_client.get("/openapi.json").json()["paths"]
-    assert {"/v1/classify", "/v1/generate", "/v1/model", "/healthz"} <= set(paths)
+    assert {"/v1/classify", "/v1/generate", "/v1/attention", "/v1/model", "/healthz"} <= set(paths)
     assert "multipart/form-data" in paths["/v1/classify"]["post"]["requestBody"]["content"]
 
 
@@ -355,6 +358,70 @@ def test_each_endpoint_refuses_the_other_kind_of_model(cnn_client, gpt_client):
     assert gpt_client.get("/healthz").status_code == cnn_client.get("/healthz").status_code == 200
 
 
+# ---- the attention of the last token ------------------------------------------------------------
+
+
+def test_attention_of_the_last_token_is_softmax_of_its_query_and_the_keys(gpt_run, gpt_client):
+    """The answer is the last row of softmax(QK^T / sqrt(d_k)) over the last block_size tokens, checked
+    against Q and K read from the last layer's projection on an ordinary forward pass."""
+    model, info = nnlab.load(gpt_run)
+    block, heads = info["model"]["block_size"], info["model"]["n_head"]
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    answer = gpt_client.post("/v1/attention", json={"text": text}).json()
+    assert answer["tokens"] == list(text[-block:]) and answer["cropped"] == len(text) - block
+    assert answer["layers"] == info["model"]["n_layer"] and answer["heads"] == heads
+
+    from nnlab.data import tokenizer_from_json
+
+    ids = torch.tensor([tokenizer_from_json(info["tokenizer"]).encode(text[-block:])])
+    seen = {}
+    hook = model.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, out: seen.update(qkv=out))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    q, k, _ = seen["qkv"][0].split(model.cfg.n_embd, dim=-1)  # each (T, C)
+    q, k = q.view(block, heads, -1).transpose(0, 1), k.view(block, heads, -1).transpose(0, 1)  # (H, T, d_k)
+    expected = torch.softmax(q[:, -1:] @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)[:, 0]  # (H, T)
+    last_layer = torch.tensor(answer["per_head"][-1])
+    torch.testing.assert_close(last_layer, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(answer["mean_of_heads"]), torch.tensor(answer["per_head"]).mean(1),
+                               rtol=1e-4, atol=1e-5)
+    assert torch.tensor(answer["per_head"]).sum(-1).sub(1).abs().max() < 1e-4
+    # Only the context counts: the last block_size characters alone give the same map.
+    alone = gpt_client.post("/v1/attention", json={"text": text[-block:]}).json()
+    assert alone["cropped"] == 0 and alone["per_head"] == answer["per_head"]
+
+
+ATTENTION_CASES = {
+    "empty text": (dict(json={"text": ""}), 400, "empty"),
+    "outside the vocabulary": (dict(json={"text": "First \u00e9"}), 400, "U+00E9"),
+    "no text": (dict(json={"prompt": "First"}), 422, "text"),
+    "text not a string": (dict(json={"text": 5}), 422, "text"),
+    "not an object": (dict(json=["First"]), 422, "body"),
+    "malformed json": (dict(content=b'{"text": "Fi', headers=JSON), 400, "not valid JSON"),
+    "wrong content type": (dict(content=b'{"text": "First"}', headers={"content-type": "text/plain"}), 415,
+                           "application/json"),
+    "over the limit": (dict(content=b'{"text": "' + b"a" * SMALL_BODY + b'"}', headers=JSON), 413, "limit"),
+}
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_bad_attention_request_is_a_4xx_json_error(gpt_client, case):
+    kwargs, status, needle = ATTENTION_CASES[case]
+    r = gpt_client.post("/v1/attention", **kwargs)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"]
+    assert gpt_client.get("/healthz").json()["status"] == "ok"
+    assert gpt_client.post("/v1/attention", json={"text": "First"}).status_code == 200
+
+
+def test_attention_needs_a_language_model(cnn_client):
+    r = cnn_client.post("/v1/attention", json={"text": "First"})
+    assert r.status_code == 400 and "needs a language model" in r.json()["detail"]
+    assert cnn_client.get("/v1/model").json()["attention"] is False
+    assert cnn_client.get("/healthz").status_code == 200
+
+
 # ---- the API token and the bind address --------------------------------------------------------
 
 
@@ -396,8 +463,7 @@ def test_serving_beyond_loopback_needs_a_token(cnn_run, cli_main, monkeypatch):
 @contextmanager
 def live_server(app):
     """uvicorn serving `app` in a thread on 127.0.0.1 and a free port: yields the port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = listening_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -411,6 +477,28 @@ def live_server(app):
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def test_the_servers_connections_send_without_waiting_for_acks():
+    """Connections accepted on serve's socket have Nagle's algorithm off: with it on, every response's
+    body waits for the client's delayed ACK of its headers (about 40 ms a request on Linux)."""
+    import asyncio
+
+    async def accept_one() -> int:
+        accepted = asyncio.get_running_loop().create_future()
+
+        async def on_connection(reader, writer):
+            accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connection, sock=listening_socket("127.0.0.1", 0))
+        async with server:
+            _, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+            nodelay = await asyncio.wait_for(accepted, 10)
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(accept_one()) != 0
 
 
 def get_json(port: int, path: str) -> dict:
@@ -560,12 +648,30 @@ def test_the_page_in_headless_chromium(cnn_run, gpt_run, onnx_cnn_run, tmp_path)
                 assert time.monotonic() < deadline, "Stop left the stream running on the server"
                 time.sleep(0.05)
             assert page.evaluate("document.body.dataset.state") == "generating"  # stopped, never done
+            assert page.evaluate("document.body.dataset.attention") is None  # no map for a stopped text
             page.fill("#tokens", "40")
             page.fill("#temperature", "0")
             page.click("#generate")
             page.wait_for_function("document.body.dataset.state === 'generated'")
-            assert page.text_content("#output") == generate_text(gpt_run, "First", 40, temperature=0)
+            text = generate_text(gpt_run, "First", 40, temperature=0)
+            assert page.text_content("#output") == text
             page.screenshot(path=tmp_path / "page-generate.png")
+
+            # The last token's attention map: one row per layer, the API's weights for the whole text.
+            page.wait_for_function("document.body.dataset.attention === 'shown'")
+            with TestClient(lm) as client:
+                want = client.post("/v1/attention", json={"text": text}).json()
+            shown = lambda: page.eval_on_selector_all(  # noqa: E731
+                "#attention-map .attn-layer", "rows => rows.map(r => [...r.querySelectorAll('.attn-tok')]"
+                ".map(c => +c.dataset.weight))")
+            assert page.is_visible("#attention-map") and len(shown()) == want["layers"]
+            assert shown() == want["mean_of_heads"]  # the numbers the API sent, drawn as they came
+            assert page.eval_on_selector_all("#attention-map .attn-layer:first-child .attn-tok",
+                                             "cs => cs.map(c => c.title.split(':')[0])") == [
+                json.dumps(t) for t in want["tokens"]]
+            page.select_option("#attention-head", "1")  # the second head alone
+            assert shown() == [layer[1] for layer in want["per_head"]]
+            page.screenshot(path=tmp_path / "page-attention.png")
 
             # On the onnxruntime backend the page asks no saliency (it has no gradients) and still classifies.
             with live_server(create_app(onnx_cnn_run, backend="onnxruntime")) as onnx_port:
@@ -579,7 +685,7 @@ def test_the_page_in_headless_chromium(cnn_run, gpt_run, onnx_cnn_run, tmp_path)
         finally:
             browser.close()
     assert found == {"elsewhere": [], "console_errors": []}
-    for shot in ("page-draw.png", "page-upload.png", "page-generate.png", "page-onnx.png"):
+    for shot in ("page-draw.png", "page-upload.png", "page-generate.png", "page-attention.png", "page-onnx.png"):
         assert (tmp_path / shot).read_bytes().startswith(b"\x89PNG")
         if os.environ.get("NNLAB_SERVE_SCREENSHOTS"):
             shutil.copy(tmp_path / shot, os.environ["NNLAB_SERVE_SCREENSHOTS"])

@@ -260,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--quantize", help="int8: also write an int8 model beside the fp32 one")
     ex.add_argument("--out", metavar="FILE", help="the .onnx file to write (default RUN_DIR/model.onnx; "
                     "the int8 model goes beside it as NAME.int8.onnx)")
-    v = sub.add_parser("serve", help="serve a trained model over HTTP: classify, generate, model card, a page")
+    v = sub.add_parser("serve", help="serve a trained model over HTTP: classify, generate, attention, model card, a page")
     v.add_argument("run_dir")
     v.add_argument("--host", help="the address to bind (default 127.0.0.1; any other needs a token)")
     v.add_argument("--port", type=int, help="the TCP port (default 8000)")

@@ -9,6 +9,8 @@
     POST /v1/generate   JSON {prompt, max_new_tokens, temperature, top_k, seed, stream} -> {"text", ...};
                         stream=true: server-sent events, one `data: {"text": ...}` per token, then
                         `event: done`
+    POST /v1/attention  JSON {text} -> how the last token of `text` attends over its context (the
+                        last block_size tokens), per layer and head (ServedModel.last_token_attention)
     GET  /v1/model      the model card;  GET /healthz;  GET /openapi.json and /docs (FastAPI's)
 
 Every error is JSON {"detail": "..."} with a 4xx status naming what is wrong. CPU work (decoding,
@@ -38,7 +40,7 @@ from starlette.exceptions import HTTPException
 from nnlab.errors import NnlabError
 from nnlab.serve.batching import Batcher, QueueFull
 from nnlab.serve.guards import BodyLimit, TokenAuth
-from nnlab.serve.model import GENERATE_DEFAULTS, BadRequest, ServedModel, png_base64
+from nnlab.serve.model import GENERATE_DEFAULTS, BadRequest, ServedModel, png_base64, rank
 
 TOKEN_ENV = "NNLAB_SERVE_TOKEN"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -54,6 +56,13 @@ class GenerateRequest(BaseModel):
     top_k: int | None = Field(GENERATE_DEFAULTS["top_k"], ge=1, description="sample among the k likeliest tokens")
     seed: int = Field(GENERATE_DEFAULTS["seed"], ge=0, lt=2**63, description="the same seed gives the same text")
     stream: bool = Field(False, description="server-sent events, one per token")
+
+
+class AttentionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="the context, e.g. a prompt and its completion; its last block_size tokens "
+                                  "are used, and every character must be in the model's vocabulary")
 
 
 CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
@@ -75,7 +84,8 @@ def create_app(run_dir: str | Path, token: str | None = None, max_new_tokens_cap
     if max_new_tokens_cap < 0 or max_body_bytes < 1 or max_batch < 1 or batch_wait_ms < 0:
         raise NnlabError("serve: max_new_tokens_cap >= 0, max_body_bytes >= 1, max_batch >= 1, batch_wait_ms >= 0")
     served = ServedModel(run_dir, backend)
-    batcher = (Batcher(served.probabilities, max_batch, batch_wait_ms)
+    # The batcher's thread also ranks the classes, which leaves the event loop only the HTTP work.
+    batcher = (Batcher(served.ranked, max_batch, batch_wait_ms)
                if served.is_classifier and max_batch > 1 else None)
 
     @asynccontextmanager
@@ -118,16 +128,18 @@ def create_app(run_dir: str | Path, token: str | None = None, max_new_tokens_cap
         answer = {"conversion": image.conversion}
         if saliency:
             probs, saliency_map = await run_in_threadpool(served.saliency, image.x)
+            ranking = rank(probs[None])[0]
             answer["saliency"] = (png_base64(saliency_map) if saliency_format == "png"
                                   else [[round(float(v), 6) for v in row] for row in saliency_map])
         elif batcher is not None:
             try:
-                probs = await asyncio.wrap_future(batcher.submit(image.x[0]))
+                ranking = await asyncio.wrap_future(batcher.submit(image.x[0]))
             except QueueFull:
                 raise HTTPException(503, "too many classify requests waiting; try again shortly") from None
         else:
-            probs = (await run_in_threadpool(served.probabilities, image.x))[0]
-        return {"classes": served.top_classes(probs, top_k), **answer}
+            ranking = (await run_in_threadpool(served.ranked, image.x))[0]
+        # A JSONResponse of plain values: FastAPI's encoder would walk every value again.
+        return JSONResponse({"classes": served.top_classes(ranking, top_k), **answer})
 
     @app.post("/v1/generate", dependencies=[Depends(_json_body)])
     def generate(req: GenerateRequest):
@@ -141,6 +153,10 @@ def create_app(run_dir: str | Path, token: str | None = None, max_new_tokens_cap
             return {"prompt": req.prompt, "completion": completion, "text": req.prompt + completion}
         return StreamingResponse(_events(app, req.prompt, pieces), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
+
+    @app.post("/v1/attention", dependencies=[Depends(_json_body)])
+    def attention(req: AttentionRequest) -> dict:
+        return served.last_token_attention(req.text)
 
     if STATIC_DIR.is_dir():
         from fastapi.staticfiles import StaticFiles
@@ -215,6 +231,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on host:port (port 0: a free one), for uvicorn's `sockets=`.
+
+    Made with proto IPPROTO_TCP, which its connections inherit: asyncio turns Nagle's algorithm off
+    (TCP_NODELAY) only on a connection whose socket says it is TCP, and socket.create_server's says 0.
+    With Nagle on, a response's body (uvicorn writes it after the headers) waits for the client's
+    delayed ACK, about 40 ms on Linux, on every request."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        if os.name == "posix":  # as socket.create_server: a restarted server can bind at once
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           **app_options) -> None:
     """Serve the model of `run_dir` over HTTP until interrupted. Binding anything but a loopback
@@ -229,7 +265,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token:
         raise NnlabError(f"--port: {port} is not a TCP port (0-65535)")
     # Bound here rather than by uvicorn, so that a busy port is a one-line error like any other.
     try:
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock = listening_socket(host, port)
     except OSError as e:
         raise NnlabError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
     with sock:

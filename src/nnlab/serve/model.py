@@ -56,6 +56,12 @@ def png_base64(values: Tensor) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def rank(probs: Tensor) -> list[tuple[list[float], list[int]]]:
+    """Class probabilities (B, num_classes) -> per row (probabilities, indices), likeliest first."""
+    values, indices = torch.topk(probs, probs.shape[-1], dim=-1)
+    return list(zip(values.tolist(), indices.tolist()))
+
+
 class ServedModel:
     """A run folder's model, its model.json, and what the endpoints ask of it."""
 
@@ -96,6 +102,7 @@ class ServedModel:
         card = {"run": self.run_dir.name, "task": self.task, "architecture": self.info["model"],
                 "parameters": self.parameters, "backend": self.backend,
                 "saliency": self.is_classifier and self.backend == "torch",
+                "attention": self.is_language_model and self.backend == "torch",
                 "recipe": summary.get("recipe"), "data": config.get("data"), "test_metrics": metrics,
                 "training": {"steps": summary.get("steps"), "precision": summary.get("precision"),
                              "precision_reason": summary.get("precision_reason"),
@@ -145,10 +152,15 @@ class ServedModel:
             (grad,) = torch.autograd.grad(logits[0, top], x)
         return torch.softmax(logits.detach()[0], dim=-1), grad[0].abs().amax(dim=0)
 
-    def top_classes(self, probs: Tensor, k: int) -> list[dict]:
-        values, indices = torch.topk(probs, min(k, len(self.classes)))
-        return [{"index": int(i), "name": self.classes[int(i)], "probability": float(v)}
-                for v, i in zip(values, indices)]
+    def ranked(self, x: Tensor) -> list[tuple[list[float], list[int]]]:
+        """Normalised inputs (B, C, H, W) -> per row (probabilities, class indices), likeliest first:
+        every class, so that any top_k is a slice, taken by the caller without another tensor op."""
+        return rank(self.probabilities(x))
+
+    def top_classes(self, ranking: tuple[list[float], list[int]], k: int) -> list[dict]:
+        """The first k of a row of ranked(), named."""
+        values, indices = ranking
+        return [{"index": i, "name": self.classes[i], "probability": v} for v, i in zip(values[:k], indices[:k])]
 
     # ---- generation ------------------------------------------------------------------------------
 
@@ -158,16 +170,45 @@ class ServedModel:
         the torch backend)."""
         if not self.is_language_model:
             raise BadRequest(f"this server holds a {self.kind} model; /v1/generate needs a language model")
-        if not prompt:
-            raise BadRequest("prompt: must not be empty")
-        try:
-            ids = self.tokenizer.encode(prompt)
-        except NnlabError as e:
-            raise BadRequest(f"prompt: {str(e).removeprefix('data: ')}") from None
+        ids = self._encode(prompt, "prompt")
         tokens = generate_stream(self.model, torch.tensor([ids], dtype=torch.long), max_new_tokens,
                                  temperature=temperature, top_k=top_k,
                                  generator=torch.Generator().manual_seed(seed), use_cache=self.backend == "torch")
         return self._texts(tokens)
+
+    def _encode(self, text: str, field: str) -> list[int]:
+        if not text:
+            raise BadRequest(f"{field}: must not be empty")
+        try:
+            return self.tokenizer.encode(text)
+        except NnlabError as e:
+            raise BadRequest(f"{field}: {str(e).removeprefix('data: ')}") from None
+
+    def last_token_attention(self, text: str) -> dict:
+        """How the last token of `text` attends over its context: the last row of A = softmax(QK^T /
+        sqrt(d_k)) of every layer and head, from the explicit attention path that `nnlab explain
+        --method attention` reads (nnlab.analysis.explain.attention_maps). The context is the last
+        block_size tokens of `text`, as generation sees it.
+
+        Returns {"tokens": the context's tokens as text, "cropped": tokens left out before them,
+        "layers", "heads", "per_head": [layer][head][key] weights, "mean_of_heads": [layer][key]};
+        each layer's and head's weights sum to 1 over the context."""
+        if not self.is_language_model:
+            raise BadRequest(f"this server holds a {self.kind} model; /v1/attention needs a language model")
+        if self.backend != "torch":
+            raise BadRequest(f"attention: needs the PyTorch model's explicit attention path, which the "
+                             f"{self.backend} backend does not have; serve with --backend torch")
+        from nnlab.analysis.explain import attention_maps
+
+        ids = self._encode(text, "text")
+        context = ids[-self.model.cfg.block_size:]
+        maps = attention_maps(self.model, torch.tensor([context], dtype=torch.long))  # each (1, H, T, T)
+        last = torch.stack([A[0, :, -1, :] for A in maps])  # (layers, heads, T): the last query's row
+        rounded = lambda t: [round(float(v), 6) for v in t]  # noqa: E731
+        return {"tokens": [self.tokenizer.decode([i]) for i in context], "cropped": len(ids) - len(context),
+                "layers": last.shape[0], "heads": last.shape[1],
+                "per_head": [[rounded(head) for head in layer] for layer in last],
+                "mean_of_heads": [rounded(layer) for layer in last.mean(dim=1)]}
 
     def _texts(self, tokens: Iterator[Tensor]) -> Iterator[str]:
         new_ids, sent = [], ""

@@ -1,6 +1,7 @@
 // The page of `nnlab serve`: talks to the API of the same server only (v1/model, v1/classify,
-// v1/generate); no external resource. body.dataset.state says what finished last ("classified",
-// "generated"), which the browser test waits for.
+// v1/generate, v1/attention); no external resource. body.dataset.state says what finished last
+// ("classified", "generated"), and body.dataset.attention is "shown" once the last token's attention
+// map is drawn; the browser test waits for them.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -148,6 +149,7 @@ function setUpGenerator(card) {
   $("tokens").max = cap;
   $("tokens").value = Math.min(Number($("tokens").value), cap);
   $("prompt").value = "First Citizen:";
+  $("attention-head").addEventListener("change", drawAttention);
   let controller = null;
   $("generate").addEventListener("click", async () => {
     showError("");
@@ -155,7 +157,8 @@ function setUpGenerator(card) {
     $("generate").disabled = true;
     $("stop").disabled = false;
     try {
-      await generate(controller.signal);
+      const text = await generate(controller.signal);
+      if (text !== null && card.attention) await showAttention(text);
     } catch (e) {
       if (e.name !== "AbortError") showError(e.message);
     } finally {
@@ -177,6 +180,9 @@ async function generate(signal) {
   const out = $("output");
   out.textContent = body.prompt;
   document.body.dataset.state = "generating";
+  delete document.body.dataset.attention;
+  $("attention").hidden = true; // a map belongs to the text it was computed on
+  let finished = null; // the whole text, once the server says the generation is done
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -189,13 +195,65 @@ async function generate(signal) {
       const event = parseEvent(buffer.slice(0, end));
       buffer = buffer.slice(end + 2);
       if (event.type === "done") {
-        out.textContent = event.data.text;
+        out.textContent = finished = event.data.text;
         document.body.dataset.state = "generated";
       } else {
         out.textContent += event.data.text;
       }
     }
   }
+  return finished;
+}
+
+// ---- the attention map of the last token --------------------------------------------------------
+
+let attention = null; // the last v1/attention answer
+
+async function showAttention(text) {
+  const response = await api("v1/attention", {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({text}),
+  });
+  attention = await response.json();
+  const select = $("attention-head");
+  const chosen = select.value || "mean";
+  const options = [["mean", "mean of heads"]];
+  for (let h = 0; h < attention.heads; h++) options.push([String(h), `head ${h + 1}`]);
+  select.replaceChildren(...options.map(([value, label]) => {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = label;
+    return option;
+  }));
+  select.value = options.some(([value]) => value === chosen) ? chosen : "mean";
+  $("attention").hidden = false;
+  drawAttention();
+  document.body.dataset.attention = "shown";
+}
+
+function drawAttention() {
+  if (!attention) return;
+  const head = $("attention-head").value;
+  const rows = head === "mean" ? attention.mean_of_heads : attention.per_head.map((layer) => layer[Number(head)]);
+  const shown = (token) => token === " " ? "\u00b7" : token === "\n" ? "\u21b5" : token;
+  $("attention-map").replaceChildren(...rows.map((weights, layer) => {
+    const row = document.createElement("div");
+    row.className = "attn-layer";
+    row.dataset.layer = layer;
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = `layer ${layer + 1}`;
+    const peak = Math.max(...weights) || 1;
+    row.append(label, ...weights.map((w, i) => {
+      const cell = document.createElement("span");
+      cell.className = "attn-tok";
+      cell.dataset.weight = w;
+      cell.title = `${JSON.stringify(attention.tokens[i])}: ${(100 * w).toFixed(1)}%`;
+      cell.textContent = shown(attention.tokens[i]);
+      cell.style.background = `rgba(192,57,43,${(w / peak).toFixed(3)})`;
+      return cell;
+    }));
+    return row;
+  }));
 }
 
 function parseEvent(block) {
