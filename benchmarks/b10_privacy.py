@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import Ctx, fmt, isolated, summarize, time_nnlab
+from common import Ctx, fmt, isolated, median_ms, summarize, time_nnlab
 
 RECIPE = "dp-cnn"
 SIDES = {"non-private": {"train.privacy.epsilon": None},
@@ -53,13 +53,7 @@ def breakdown(quick: bool, reps: int = 5) -> dict:
     check_model(model)
 
     def ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[reps // 2] * 1e3
+        return median_ms(fn, reps)
 
     def plain():
         model.zero_grad(set_to_none=True)

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (Ctx, fmt, gpt_forward_flops, isolated, kernels_off, recipe_gpt_fields, summarize, sync,
-                    train_quiet)
+from common import (Ctx, fmt, gpt_forward_flops, isolated, kernels_off, median_ms, summarize,
+                    sync, train_quiet)
 from nnlab.generate import generate
 from nnlab.models.gpt import GPT, GPTConfig
 
@@ -117,13 +117,7 @@ def breakdown(model, prompt: torch.Tensor, reps: int = 200) -> dict:
     ctx = torch.cat([prompt, prompt.new_zeros(1, block)], dim=1)[:, -block:]  # a full context
 
     def ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2] * 1e3
+        return median_ms(fn, reps)
 
     with torch.inference_mode():
         logits = model(ctx)[:, -1]

@@ -78,6 +78,17 @@ def timed(fn, n: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def median_ms(fn, reps: int) -> float:
+    """Milliseconds of one call of fn: the median of `reps` calls after one untimed call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2] * 1e3
+
+
 # ---- the machine -------------------------------------------------------------------------------
 
 def matmul_peak(dtype: torch.dtype, n: int, device: torch.device, reps: int = 5) -> float:
