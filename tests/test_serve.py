@@ -238,6 +238,9 @@ def test_generate_matches_nnlab_generate(gpt_run, gpt_client):
         assert r.status_code == 200, r.text
         expected = generate_text(gpt_run, "First", 30, **kw)
         assert r.json()["text"] == expected and r.json()["completion"] == expected[len("First"):]
+    long = {"prompt": "First", "max_new_tokens": 50, "temperature": 0, "context_shift": 4}
+    r = gpt_client.post("/v1/generate", json=long)
+    assert r.status_code == 200 and r.json()["text"] == generate_text(gpt_run, **long)
     streamed = gpt_client.post("/v1/generate",
                                json={"prompt": "First", "max_new_tokens": 30, "seed": 3, "stream": True})
     assert streamed.headers["content-type"].startswith("text/event-stream")
@@ -327,6 +330,8 @@ GENERATE_CASES = {
     "seed too big": ({"prompt": "First", "seed": 2**64}, 422, "seed"),
     "unknown field": ({"prompt": "First", "max_tokens": 5}, 422, "max_tokens"),
     "no prompt": ({"max_new_tokens": 5}, 422, "prompt"),
+    "context_shift negative": ({"prompt": "First", "context_shift": -1}, 422, "context_shift"),
+    "context_shift past the context": ({"prompt": "First", "context_shift": 10**6}, 400, "context_shift"),
     "not an object": ([1, 2], 422, "body"),
 }
 

@@ -56,6 +56,9 @@ class GenerateRequest(BaseModel):
     top_k: int | None = Field(GENERATE_DEFAULTS["top_k"], ge=1, description="sample among the k likeliest tokens")
     seed: int = Field(GENERATE_DEFAULTS["seed"], ge=0, lt=2**63, description="the same seed gives the same text")
     stream: bool = Field(False, description="server-sent events, one per token")
+    context_shift: int = Field(0, ge=0, description="0: every token sees the full context (nanoGPT's sample.py); "
+                               "S: once the context fills, keep its newest block_size - S tokens and decode from "
+                               "the cache (faster, shorter contexts; torch backend)")
 
 
 class AttentionRequest(BaseModel):
@@ -147,7 +150,7 @@ def create_app(run_dir: str | Path, token: str | None = None, max_new_tokens_cap
                                                                            max_new_tokens_cap)
         if not 0 <= n <= max_new_tokens_cap:
             raise BadRequest(f"max_new_tokens: {n} is outside 0..{max_new_tokens_cap} (this server's cap)")
-        pieces = served.token_stream(req.prompt, n, req.temperature, req.top_k, req.seed)
+        pieces = served.token_stream(req.prompt, n, req.temperature, req.top_k, req.seed, req.context_shift)
         if not req.stream:
             completion = "".join(pieces)
             return {"prompt": req.prompt, "completion": completion, "text": req.prompt + completion}

@@ -165,15 +165,19 @@ class ServedModel:
     # ---- generation ------------------------------------------------------------------------------
 
     def token_stream(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-                     seed: int) -> Iterator[str]:
+                     seed: int, context_shift: int = 0) -> Iterator[str]:
         """The text each new token adds to `prompt`, token by token (nnlab.generate; KV-cached with
         the torch backend)."""
         if not self.is_language_model:
             raise BadRequest(f"this server holds a {self.kind} model; /v1/generate needs a language model")
         ids = self._encode(prompt, "prompt")
+        block_size = self.model.cfg.block_size
+        if context_shift and (self.backend != "torch" or context_shift >= block_size):
+            raise BadRequest(f"context_shift: {context_shift} needs the torch backend and must be below the "
+                             f"model's block_size {block_size}")
         tokens = generate_stream(self.model, torch.tensor([ids], dtype=torch.long), max_new_tokens,
-                                 temperature=temperature, top_k=top_k,
-                                 generator=torch.Generator().manual_seed(seed), use_cache=self.backend == "torch")
+                                 temperature=temperature, top_k=top_k, generator=torch.Generator().manual_seed(seed),
+                                 use_cache=self.backend == "torch", context_shift=context_shift)
         return self._texts(tokens)
 
     def _encode(self, text: str, field: str) -> list[int]:
