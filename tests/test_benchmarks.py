@@ -24,13 +24,20 @@ ROOT = Path(__file__).resolve().parent.parent
 HANG_GUARD = 300  # seconds; only stops a hung run, it is not a speed check
 
 
+def with_text_data_root(tmp_path: Path) -> dict:
+    """The environment for a benchmark that trains gpt-shakespeare: a data root holding a small
+    tinyshakespeare.txt, so that it runs in a clone without ../shared/data."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "tinyshakespeare.txt").write_text(sample_text(), encoding="utf-8")
+    return {**os.environ, "NNLAB_DATA_ROOT": str(root)}
+
+
 def test_quick_b4_writes_results_and_greedy_tokens_match(tmp_path):
-    out, data_root = tmp_path / "results.json", tmp_path / "data"
-    data_root.mkdir()
-    (data_root / "tinyshakespeare.txt").write_text(sample_text(), encoding="utf-8")  # B4 trains the recipe
+    out = tmp_path / "results.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "B4", "--json", str(out)]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD,
-                       env={**os.environ, "NNLAB_DATA_ROOT": str(data_root)})
+                       env=with_text_data_root(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
     doc = json.loads(out.read_text())
@@ -194,7 +201,8 @@ def test_quick_b9_load_test_stops_by_itself_without_errors(tmp_path):
     p50 <= p99 and requests/s, states its goals, and the README's table reads the file."""
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "B9", "--json", str(out)]
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD)
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD,
+                       env=with_text_data_root(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     b9 = json.loads(out.read_text())["benchmarks"]["B9"]
     size = b9["config"]

@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import nnlab
-from conftest import cli_cmd, cli_env, make_images, one_line_error
+from conftest import cli_cmd, cli_env, make_images, one_line_error, sample_text
 from nnlab.generate import generate_text
 from nnlab.serve import create_app
 from nnlab.serve.app import is_loopback, listening_socket
@@ -371,7 +371,7 @@ def test_attention_of_the_last_token_is_softmax_of_its_query_and_the_keys(gpt_ru
     against Q and K read from the last layer's projection on an ordinary forward pass."""
     model, info = nnlab.load(gpt_run)
     block, heads = info["model"]["block_size"], info["model"]["n_head"]
-    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    text = sample_text()[:60]  # the run's corpus: every character is in its vocabulary
     answer = gpt_client.post("/v1/attention", json={"text": text}).json()
     assert answer["tokens"] == list(text[-block:]) and answer["cropped"] == len(text) - block
     assert answer["layers"] == info["model"]["n_layer"] and answer["heads"] == heads
