@@ -289,7 +289,72 @@ def markdown(columns: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"recipes": recipes_table, "benchmarks": benchmarks_table}
+# ---- attack, defend, audit -------------------------------------------------------------------------
+# Each from benchmarks/<study>-<kind>.json, written by benchmarks/<study>.py on one processor kind.
+
+def pct(v) -> str:
+    return DASH if v is None else f"{100 * v:.2f}%"
+
+
+def privacy_utility(doc: dict) -> list[list[str]]:
+    cells = []
+    for r in doc["runs"]:
+        if r["target_epsilon"] is None:
+            cells.append(f"no privacy {pct(r['test_accuracy'])}")
+        else:
+            cells.append(f"epsilon {r['target_epsilon']:g} {pct(r['test_accuracy'])}")
+    pub = doc["published"]
+    return [["`dp-cnn` test accuracy by privacy budget (delta 1e-5; DP-SGD, Opacus)",
+             "; ".join(cells) + f" (published: {pct(pub['test_accuracy'])} at epsilon {pub['epsilon']:g})"]]
+
+
+def privacy_audit(doc: dict) -> list[list[str]]:
+    rows = []
+    for name, r in doc["models"].items():
+        eps = "no DP" if r["epsilon_rdp"] is None else f"DP, epsilon {r['epsilon_rdp']:.2f}"
+        attacks = "; ".join(f"{k.replace('_', ' ')} AUC {a['auc']:.3f}, TPR {pct(a['tpr_at_0.1%_fpr'])}"
+                            for k, a in r["attacks"].items())
+        rows.append([f"membership inference on `dp-cnn`'s model, {eps} (accuracy {pct(r['test_accuracy'])})",
+                     attacks + " at 0.1% FPR"])
+    return rows
+
+
+def backdoor(doc: dict) -> list[list[str]]:
+    cells = []
+    for r in doc["rows"]:
+        spectral = r["detection"].get("spectral", {}).get("target_class", {})
+        found = f", spectral recall {pct(spectral.get('recall'))}" if r["rate"] else ""
+        cells.append(f"rate {100 * r['rate']:g}%: clean {pct(r['test_accuracy'])}, attack success "
+                     f"{pct(r['attack_success_rate'])}{found}")
+    return [[f"BadNets backdoor in `{doc['recipe']}` (target class {doc['target']})", "; ".join(cells)]]
+
+
+def robustness(doc: dict) -> list[list[str]]:
+    at = doc["attack"]
+    cells = [f"`{name}` clean {pct(m['attacked_clean_accuracy'])}, under attack "
+             + ", ".join(f"eps {e} {pct(v)}" for e, v in m["under_attack"].items())
+             for name, m in doc["models"].items()]
+    return [[f"adversarial training: PGD-{at['steps']} x {at['restarts']} restarts on {at['samples']:,} test images",
+             "; ".join(cells)]]
+
+
+STUDIES = {"privacy-utility": privacy_utility, "privacy-audit": privacy_audit, "backdoor": backdoor,
+           "robustness": robustness}
+
+
+def security_table(root: Path) -> str:
+    rows = []
+    for study, build in STUDIES.items():
+        for path in sorted((root / "benchmarks").glob(f"{study}-*.json")):
+            kind = path.stem.removeprefix(f"{study}-")
+            for row in build(json.loads(path.read_text())):
+                rows.append(row + [f"`{path.relative_to(root)}` ({KIND_LABELS.get(kind, kind)})"])
+    if not rows:
+        return "No results file yet: `benchmarks/README.md` names the scripts that write them.\n"
+    return markdown(["measurement", "figures", "from"], rows)
+
+
+TABLES = {"recipes": recipes_table, "benchmarks": benchmarks_table, "security": security_table}
 
 
 def render(readme: str, root: Path) -> str:
