@@ -346,9 +346,10 @@ def security_table(root: Path) -> str:
     rows = []
     for study, build in STUDIES.items():
         for path in sorted((root / "benchmarks").glob(f"{study}-*.json")):
-            kind = path.stem.removeprefix(f"{study}-")
-            for row in build(json.loads(path.read_text())):
-                rows.append(row + [f"`{path.relative_to(root)}` ({KIND_LABELS.get(kind, kind)})"])
+            doc = json.loads(path.read_text())
+            processor = doc.get("processor") or doc.get("cpu") or path.stem.removeprefix(f"{study}-")
+            for row in build(doc):
+                rows.append(row + [f"`{path.relative_to(root)}` ({processor})"])
     if not rows:
         return "No results file yet: `benchmarks/README.md` names the scripts that write them.\n"
     return markdown(["measurement", "figures", "from"], rows)
