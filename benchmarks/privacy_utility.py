@@ -4,8 +4,11 @@
                                          [--json PATH] [--plot PATH]
 
 Trains the dp-cnn recipe once per epsilon (the noise multiplier follows from it, everything else
-stays as the recipe sets it), plus once without privacy as the ceiling, into OUT/eps<E> and
-OUT/non-private; a run whose summary.json already exists is read, not trained again, so an
+stays as the recipe sets it) into OUT/eps<E>, and two references: clipping only (DP-SGD's
+per-example clipping at C 0.1 and its Poisson batches, no noise: what clipping alone costs) into
+OUT/clipping-only, and the same model trained without privacy into OUT/non-private, with a
+learning rate of NON_PRIVATE_LR (the recipe's 4.0 is sized for gradients clipped to 0.1 and
+diverges unclipped); a run whose summary.json already exists is read, not trained again, so an
 interrupted sweep resumes and runs trained in parallel by hand are picked up. Writes the JSON
 (epsilon asked for, epsilon spent by the RDP and PRV accountants, noise multiplier, test accuracy,
 training seconds) and a PNG of accuracy against epsilon with Tramer & Boneh's published end-to-end
@@ -26,6 +29,7 @@ from nnlab.runfolder import SUMMARY, atomic_write_text
 from nnlab.train.precision import cpu_name
 
 RECIPE = "dp-cnn"
+NON_PRIVATE_LR = 0.1
 PUBLISHED = {"epsilon": 3.0, "test_accuracy": 0.860, "source": "Tramer & Boneh (ICLR 2021), end-to-end CNN"}
 
 
@@ -39,7 +43,7 @@ def trained(run_dir: Path, overrides: list[str]) -> dict:
 
 def row(name: str, summary: dict) -> dict:
     p = summary.get("privacy") or {}
-    return {"run": name, "target_epsilon": p.get("target_epsilon"), "epsilon_rdp": p.get("epsilon_rdp"),
+    return {"run": name, "noise": p.get("noise"), "target_epsilon": p.get("target_epsilon"), "epsilon_rdp": p.get("epsilon_rdp"),
             "epsilon_prv": p.get("epsilon_prv"), "noise_multiplier": p.get("noise_multiplier"),
             "test_accuracy": summary["test_accuracy"], "train_seconds": summary.get("train_seconds")}
 
@@ -53,9 +57,8 @@ def plot(rows: list[dict], path: Path) -> None:
     private = [r for r in rows if r["target_epsilon"] is not None]
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.plot([r["target_epsilon"] for r in private], [100 * r["test_accuracy"] for r in private], "o-", label="dp-cnn")
-    for r in rows:
-        if r["target_epsilon"] is None:
-            ax.axhline(100 * r["test_accuracy"], ls="--", c="gray", label="same model, no privacy")
+    for r, style in zip(rows[len(private):], ("--", ":")):
+        ax.axhline(100 * r["test_accuracy"], ls=style, c="gray", label=r["run"])
     ax.plot([PUBLISHED["epsilon"]], [100 * PUBLISHED["test_accuracy"]], "k*", ms=10, label=PUBLISHED["source"])
     ax.set(xscale="log", xlabel="epsilon (delta 1e-5)", ylabel="test accuracy (%)",
            title="Fashion-MNIST: privacy against accuracy")
@@ -76,13 +79,15 @@ def main(argv=None) -> int:
     try:
         rows = [row(f"eps{e:g}", trained(out / f"eps{e:g}", [*a.set, f"train.privacy.epsilon={e}"]))
                 for e in a.epsilons]
-        rows.append(row("non-private", trained(out / "non-private", [*a.set, "train.privacy.epsilon=null"])))
+        rows.append(row("clipping-only", trained(out / "clipping-only", [*a.set, "train.privacy.noise=false"])))
+        rows.append(row("non-private", trained(out / "non-private", [*a.set, "train.privacy.epsilon=null",
+                                                                     f"train.lr={NON_PRIVATE_LR}"])))
     except NnlabError as e:
         print(f"privacy_utility.py: error: {e}", file=sys.stderr)
         return 2
     doc = {"recipe": RECIPE, "overrides": a.set, "processor": cpu_name(), "published": PUBLISHED, "runs": rows}
     for r in rows:
-        eps = "no privacy" if r["target_epsilon"] is None else f"epsilon {r['target_epsilon']:g} (RDP " \
+        eps = r["run"] if r["target_epsilon"] is None else f"epsilon {r['target_epsilon']:g} (RDP " \
               f"{r['epsilon_rdp']:.2f}, PRV {r['epsilon_prv'] if r['epsilon_prv'] is None else round(r['epsilon_prv'], 2)})"
         print(f"{r['run']:12s} {eps:40s} test accuracy {r['test_accuracy']:.2%}")
     json_path = a.json or out / "privacy_utility.json"

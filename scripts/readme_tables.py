@@ -300,7 +300,7 @@ def privacy_utility(doc: dict) -> list[list[str]]:
     cells = []
     for r in doc["runs"]:
         if r["target_epsilon"] is None:
-            cells.append(f"no privacy {pct(r['test_accuracy'])}")
+            cells.append(f"{r['run'].replace('-', ' ')} {pct(r['test_accuracy'])}")
         else:
             cells.append(f"epsilon {r['target_epsilon']:g} {pct(r['test_accuracy'])}")
     pub = doc["published"]
