@@ -48,7 +48,8 @@ def measure(name: str, sets: list[str], a) -> dict:
         nnlab.train(RECIPE, sets, out=str(out))
     summary = json.loads((out / "summary.json").read_text())
     start = time.perf_counter()
-    result = audit(out, samples=a.samples, shadows=a.shadows, attack="all")
+    given = {k: v for k, v in (("samples", a.samples), ("shadows", a.shadows)) if v is not None}
+    result = audit(out, attack="all", **given)  # nnlab audit's defaults for what is not given
     privacy = summary.get("privacy") or {}
     return {"run": str(out), "overrides": sets, "test_accuracy": summary["test_accuracy"],
             "train_seconds": summary["train_seconds"], "epsilon_rdp": privacy.get("epsilon_rdp"),

@@ -20,11 +20,12 @@ handful of scores is noise. The offline score needs only the OUT shadows: with t
 it comes free beside the online one.
 
 Shadows train through nnlab's own loop (nnlab.train.loop.train) on the run's own config, with the
-chosen examples in place of the training split and a fresh seed each. Each sees its examples as
-many times as the target saw its own (same epochs; a max_steps run has it scaled to the smaller
-set), since that exposure is what memorisation depends on. A DP-SGD target's shadows also scale
-the batch size to the smaller set: the same Poisson sampling rate and number of steps give them
-the same noise multiplier, so they run the target's own private mechanism (and spend its epsilon).
+chosen examples in place of the training split and a fresh seed each. A shadow keeps the target's
+sampling rate (batch size / training examples, so its batch shrinks with its smaller set) and its
+number of steps: it sees each example as many times as the target saw its own, in as many
+updates, since exposure and updates are what memorisation depends on (a kept batch would give a
+batch-2,048 target's shadows on 2,000 examples one step per epoch). For a DP-SGD target the same rate and steps give the same
+noise multiplier, so its shadows run the target's own private mechanism (and spend its epsilon).
 A shadow's test accuracy (reported as a sanity check) is measured on the whole test split, which
 holds the pool's non-members, about half of them trained on: slightly optimistic.
 """
@@ -67,14 +68,9 @@ def in_masks(pool: int, shadows: int, seed: int) -> np.ndarray:
 
 def _schedule(cfg, shadow_rows: int, target_rows: int) -> tuple[int, int | None]:
     """A shadow's (batch size, max_steps or None): see the module docstring."""
-    from nnlab.train import privacy
-
-    t, scale = cfg.train, shadow_rows / target_rows
-    batch_size = max(1, round(t.batch_size * scale)) if privacy.enabled(t) else t.batch_size
-    if not t.max_steps:
-        return batch_size, None
-    # The same passes over its examples as the target made over its own.
-    return batch_size, max(1, round(t.max_steps * (1 if privacy.enabled(t) else scale)))
+    t = cfg.train
+    batch_size = max(1, round(t.batch_size * shadow_rows / target_rows))  # the target's sampling rate
+    return batch_size, t.max_steps  # with the same epochs (or max_steps): the target's number of steps
 
 
 def shadow_overrides(cfg, shadow_rows: int, target_rows: int, seed: int) -> list[str]:
