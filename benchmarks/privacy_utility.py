@@ -62,6 +62,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.plot([PUBLISHED["epsilon"]], [100 * PUBLISHED["test_accuracy"]], "k*", ms=10, label=PUBLISHED["source"])
     ax.set(xscale="log", xlabel="epsilon (delta 1e-5)", ylabel="test accuracy (%)",
            title="Fashion-MNIST: privacy against accuracy")
+    ax.set_xticks([r["target_epsilon"] for r in private], [f"{r['target_epsilon']:g}" for r in private])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
