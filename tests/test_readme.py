@@ -22,7 +22,8 @@ NUMBER = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?!
 
 
 def results_files() -> list[Path]:
-    return sorted(CURVES.glob("*.json")) + sorted((ROOT / "benchmarks").glob("results-*.json"))
+    # results-<kind>.json (the benchmark suite) and <study>-<kind>.json (the attack and privacy studies)
+    return sorted(CURVES.glob("*.json")) + sorted((ROOT / "benchmarks").glob("*.json"))
 
 
 def numbers_in(value) -> list[float]:
@@ -81,7 +82,7 @@ def copy_repo(tmp_path: Path) -> Path:
     """README.md and the files the script reads, in a folder of their own."""
     shutil.copy(ROOT / "README.md", tmp_path / "README.md")
     (tmp_path / "benchmarks").mkdir()
-    for path in (ROOT / "benchmarks").glob("results-*.json"):
+    for path in (ROOT / "benchmarks").glob("*.json"):
         shutil.copy(path, tmp_path / "benchmarks" / path.name)
     shutil.copytree(ROOT / "src" / "nnlab" / "recipes", tmp_path / "src" / "nnlab" / "recipes")  # with curves/
     return tmp_path
