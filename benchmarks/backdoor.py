@@ -25,13 +25,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import output_file
+from common import output_file, trained_or_reused
 
-import nnlab
 from nnlab.analysis.detect_poison import METHODS, detect_poison
 from nnlab.config import load_config
 from nnlab.errors import NnlabError
-from nnlab.runfolder import SUMMARY, atomic_write_text
+from nnlab.runfolder import atomic_write_text
 from nnlab.train.precision import cpu_name
 
 
@@ -53,9 +52,7 @@ def rates(text: str) -> list[float]:
 def measure(recipe: str, rate: float, target: int, sets: list[str], out: Path) -> dict:
     """Train (or reuse) the run at `rate`, run every detection method on it: one results row."""
     start = time.perf_counter()
-    if not (out / SUMMARY).exists():
-        nnlab.train(recipe, [*sets, *poison_sets(rate, target)], out=str(out))
-    summary = json.loads((out / SUMMARY).read_text())
+    summary = trained_or_reused(recipe, [*sets, *poison_sets(rate, target)], out)
     row = {"rate": rate, "run": str(out), "test_accuracy": summary["test_accuracy"],
            "attack_success_rate": summary.get("attack_success_rate"), "train_seconds": summary["train_seconds"],
            "precision": summary.get("precision"), "detection": {}}

@@ -391,6 +391,19 @@ def train_quiet(recipe: str, overrides: dict, out: str) -> dict:
     return {**json.loads((run_dir / "summary.json").read_text()), "run_dir": str(run_dir)}
 
 
+def trained_or_reused(recipe: str, overrides, run_dir) -> dict:
+    """The summary.json of nnlab.train(recipe, overrides) in run_dir, training only when run_dir
+    holds no summary.json yet: a study script interrupted midway resumes at its first missing run."""
+    import nnlab
+
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        print(f"# {run_dir.name}: reusing {run_dir}", flush=True)
+    else:
+        nnlab.train(recipe, overrides, out=str(run_dir))
+    return json.loads((run_dir / "summary.json").read_text())
+
+
 def read_events(run_dir, event: str) -> list[dict]:
     """The records of one kind ("train" or "eval") from a run's metrics.jsonl."""
     rows = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())

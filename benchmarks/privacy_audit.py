@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import output_file, positive_int
+from common import output_file, positive_int, trained_or_reused
 
-import nnlab
 from nnlab.analysis.audit import audit
 from nnlab.config import load_config
 from nnlab.errors import NnlabError
@@ -42,11 +41,7 @@ QUICK = ["data.limit=1000", "train.epochs=1", "train.batch_size=20", "train.priv
 def measure(name: str, sets: list[str], a) -> dict:
     """Train (or reuse) one model and audit it; its row of the results."""
     out = Path(a.out) / name
-    if (out / "summary.json").exists():
-        print(f"# {name}: reusing {out}")
-    else:
-        nnlab.train(RECIPE, sets, out=str(out))
-    summary = json.loads((out / "summary.json").read_text())
+    summary = trained_or_reused(RECIPE, sets, out)
     start = time.perf_counter()
     given = {k: v for k, v in (("samples", a.samples), ("shadows", a.shadows)) if v is not None}
     result = audit(out, attack="all", **given)  # nnlab audit's defaults for what is not given

@@ -22,10 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-import nnlab
-from common import output_file, quiet
+from common import output_file, trained_or_reused
 from nnlab.errors import NnlabError
-from nnlab.runfolder import SUMMARY, atomic_write_text
+from nnlab.runfolder import atomic_write_text
 from nnlab.train.precision import cpu_name
 
 RECIPE = "dp-cnn"
@@ -33,17 +32,10 @@ NON_PRIVATE_LR = 0.1
 PUBLISHED = {"epsilon": 3.0, "test_accuracy": 0.860, "source": "Tramer & Boneh (ICLR 2021), end-to-end CNN"}
 
 
-def trained(run_dir: Path, overrides: list[str]) -> dict:
-    if not (run_dir / SUMMARY).exists():
-        print(f"training {run_dir.name} ...", flush=True)
-        with quiet():
-            nnlab.train(RECIPE, overrides, out=str(run_dir))
-    return json.loads((run_dir / SUMMARY).read_text())
-
-
 def row(name: str, summary: dict) -> dict:
     p = summary.get("privacy") or {}
-    return {"run": name, "noise": p.get("noise"), "target_epsilon": p.get("target_epsilon"), "epsilon_rdp": p.get("epsilon_rdp"),
+    return {"run": name, "noise": p.get("noise"), "target_epsilon": p.get("target_epsilon"),
+            "epsilon_rdp": p.get("epsilon_rdp"),
             "epsilon_prv": p.get("epsilon_prv"), "noise_multiplier": p.get("noise_multiplier"),
             "test_accuracy": summary["test_accuracy"], "train_seconds": summary.get("train_seconds")}
 
@@ -79,18 +71,18 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     try:
-        rows = [row(f"eps{e:g}", trained(out / f"eps{e:g}", [*a.set, f"train.privacy.epsilon={e}"]))
-                for e in a.epsilons]
-        rows.append(row("clipping-only", trained(out / "clipping-only", [*a.set, "train.privacy.noise=false"])))
-        rows.append(row("non-private", trained(out / "non-private", [*a.set, "train.privacy.epsilon=null",
-                                                                     f"train.lr={NON_PRIVATE_LR}"])))
+        runs = {f"eps{e:g}": [f"train.privacy.epsilon={e}"] for e in a.epsilons}
+        runs["clipping-only"] = ["train.privacy.noise=false"]
+        runs["non-private"] = ["train.privacy.epsilon=null", f"train.lr={NON_PRIVATE_LR}"]
+        rows = [row(name, trained_or_reused(RECIPE, [*a.set, *sets], out / name)) for name, sets in runs.items()]
     except NnlabError as e:
         print(f"privacy_utility.py: error: {e}", file=sys.stderr)
         return 2
     doc = {"recipe": RECIPE, "overrides": a.set, "processor": cpu_name(), "published": PUBLISHED, "runs": rows}
     for r in rows:
-        eps = r["run"] if r["target_epsilon"] is None else f"epsilon {r['target_epsilon']:g} (RDP " \
-              f"{r['epsilon_rdp']:.2f}, PRV {r['epsilon_prv'] if r['epsilon_prv'] is None else round(r['epsilon_prv'], 2)})"
+        prv = "failed" if r["epsilon_prv"] is None else f"{r['epsilon_prv']:.2f}"
+        eps = r["run"] if r["target_epsilon"] is None else \
+            f"epsilon {r['target_epsilon']:g} (RDP {r['epsilon_rdp']:.2f}, PRV {prv})"
         print(f"{r['run']:12s} {eps:40s} test accuracy {r['test_accuracy']:.2%}")
     json_path = a.json or out / "privacy_utility.json"
     atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")

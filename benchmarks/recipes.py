@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-import nnlab
-from common import output_file
+from common import output_file, trained_or_reused
 from nnlab.config import load_config
 from nnlab.errors import NnlabError
 from nnlab.runfolder import atomic_write_text
@@ -70,11 +69,7 @@ def main(argv=None) -> int:
     results = []
     for recipe in a.recipes:
         out = Path(a.out) / recipe
-        if (out / "summary.json").exists():
-            print(f"# {recipe}: reusing {out}")
-        else:
-            nnlab.train(recipe, a.set, out=str(out))
-        s = json.loads((out / "summary.json").read_text())
+        s = trained_or_reused(recipe, a.set, out)
         metric, target, how = TARGETS[recipe]
         line = {"recipe": recipe, metric: round(s[metric], 4), "target": target, "steps": s["steps"],
                 "train_seconds": s["train_seconds"], "precision": s["precision"], "cpu": cpu}

@@ -18,10 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-import nnlab
-from common import output_file, quiet
+from common import output_file, trained_or_reused
 from nnlab.analysis.attack import attack
-from nnlab.runfolder import SUMMARY, atomic_write_text
+from nnlab.runfolder import atomic_write_text
 from nnlab.train.precision import cpu_name
 
 RECIPE, EPS, STEPS, RESTARTS = "cnn-robust", [0.05, 0.1], 20, 3
@@ -38,11 +37,7 @@ def main(argv=None) -> int:
     rows = {}
     for name, overrides in MODELS.items():
         run_dir = Path(a.out) / name
-        if not (run_dir / SUMMARY).exists():
-            print(f"training {name} ...", flush=True)
-            with quiet():
-                nnlab.train(RECIPE, [*a.set, *overrides], out=str(run_dir))
-        summary = json.loads((run_dir / SUMMARY).read_text())
+        summary = trained_or_reused(RECIPE, [*a.set, *overrides], run_dir)
         res = attack(run_dir, "pgd", EPS, STEPS, RESTARTS, a.samples)
         rows[name] = {"train_seconds": summary.get("train_seconds"), "test_accuracy": summary["test_accuracy"],
                       "attacked_clean_accuracy": res["clean_accuracy"],
